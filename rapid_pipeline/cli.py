@@ -111,6 +111,19 @@ def _print(result: Any, as_json: bool) -> None:
         print(json.dumps(data, ensure_ascii=False, default=str, indent=1))
 
 
+def invoke(argv: Sequence[str], home: str | os.PathLike | None = None) -> Any:
+    """Run one command in-process and return its JSON-able result; errors propagate as exceptions.
+
+    This is how DAG tasks and tests call stages: ``invoke(["ingest", "pairs", path, "--domain", "demo"])``.
+    """
+    from .core.home import Home
+
+    args = build_parser(argv).parse_args(list(argv))
+    if not hasattr(args, "_module"):
+        raise CommandError(f"not a command: {' '.join(argv)}")
+    return _jsonable(args._module.main(args, Home.from_env(home or args.home)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
