@@ -27,7 +27,7 @@ def _steps(args: argparse.Namespace, home: Home) -> list[tuple[str, Callable[[di
     return [
         ("demo-data", lambda s: ["demo-data", "--out", str(landing), "--seed", str(args.seed), "--pairs", str(args.pairs)]),
         ("ingest kg", lambda s: ["ingest", "kg", str(landing / "kg" / "triples.tsv"), "--domain", d, "--partition", args.date]),
-        ("ingest pairs", lambda s: ["ingest", "pairs", str(landing / "pairs" / "wukong.csv"), "--domain", d, "--partition", args.date]),
+        ("ingest pairs", lambda s: ["ingest", "pairs", str(landing / "pairs"), "--domain", d, "--partition", args.date]),
         ("link", lambda s: ["link", "--domain", d]),
         ("coverage", lambda s: ["coverage", "--domain", d]),
         ("kg transe", lambda s: ["kg", "transe", "--domain", d, "--preset", p]),

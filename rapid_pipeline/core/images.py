@@ -42,6 +42,9 @@ def _open_header(data: bytes, limits: ImageLimits) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # PIL's own header check fires first for > ~89 MP: same reason as our pixel cap.
+        raise ImageRejected("too_many_pixels", str(exc)[:200]) from exc
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning, SyntaxError, ValueError) as exc:
         raise ImageRejected("undecodable", str(exc)[:200]) from exc
     if img.format not in limits.formats:
