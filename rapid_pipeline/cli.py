@@ -32,6 +32,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("kg", "transe"): ("rapid_pipeline.transe", "train TransE entity embeddings with PyKEEN"),
     ("shard",): ("rapid_pipeline.shard", "write webdataset shards per split with entity annotations"),
     ("train", "clip"): ("rapid_pipeline.train.clip", "train the knowledge-enhanced Chinese CLIP (CKCLIP)"),
+    ("train", "vae"): ("rapid_pipeline.train.vae", "train the KL autoencoder (VAE) from scratch when no pretrained SD VAE is given"),
     ("train", "diffusion"): ("rapid_pipeline.train.diffusion", "fine-tune the latent diffusion U-Net (+ CKCLIP text tower)"),
     ("train", "sr"): ("rapid_pipeline.train.sr", "fine-tune the ESRGAN x4 super-resolution model"),
     ("pipeline", "assemble"): ("rapid_pipeline.assemble", "assemble trained CKCLIP, U-Net, VAE and ESRGAN into one pipeline folder"),
@@ -56,9 +57,11 @@ def _groups() -> dict[str, list[tuple[str, ...]]]:
 
 def _selected(argv: Sequence[str]) -> tuple[str, ...] | None:
     words = [a for a in argv if not a.startswith("-")]
-    for n in (2, 1):
-        if tuple(words[:n]) in COMMANDS:
-            return tuple(words[:n])
+    # Skip values of top-level options (``--home DIR``) that precede the command words.
+    for i in range(len(words)):
+        for n in (2, 1):
+            if tuple(words[i:i + n]) in COMMANDS:
+                return tuple(words[i:i + n])
     return None
 
 
