@@ -36,12 +36,22 @@ def fingerprint_path(path: str | Path) -> str:
     if not path.exists():
         raise FileNotFoundError(f"cannot fingerprint missing path {path}")
     manifest = read_manifest(path)
-    if manifest is not None:
+    if manifest is not None and _manifest_files_intact(path, manifest):
         return manifest["fingerprint"]
     h = hashlib.sha256()
     for p in sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".tmp-")):
         h.update(str(p.relative_to(path)).encode() + b"\0" + sha256_file(p).encode())
     return h.hexdigest()
+
+
+def _manifest_files_intact(folder: Path, manifest: dict) -> bool:
+    # Cheap tamper check (no re-read): every listed file is there with its recorded size. If not, the
+    # folder is hashed as it is, so the fingerprint no longer matches and a step cache misses.
+    for f in manifest["files"]:
+        p = folder / f["path"]
+        if not p.is_file() or p.stat().st_size != f["bytes"]:
+            return False
+    return True
 
 
 @functools.cache

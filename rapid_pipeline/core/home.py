@@ -24,7 +24,7 @@ def check_name(value: str, what: str = "name") -> str:
     Why: these names become folder names and SQL identifiers; one strict rule rejects
     traversal (`..`, `/`) and injection (`;`, quotes) before any file or SQL is touched.
     """
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):  # fullmatch: "$" alone lets "x\n" through
         raise ValueError(
             f"invalid {what} {value!r}: use 1-64 characters from [A-Za-z0-9_-], starting with a letter or digit"
         )

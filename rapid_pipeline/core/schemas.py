@@ -66,7 +66,7 @@ def conform(table: pa.Table, name: str) -> pa.Table:
         raise SchemaError(f"table {name}: missing columns {missing}, unexpected columns {extra}")
     try:
         out = table.select(schema.names).cast(schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+    except (ValueError, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:  # pyarrow raises plain ValueError for nulls -> non-nullable
         raise SchemaError(f"table {name}: {exc}") from exc
     for f in schema:
         if not f.nullable and out.column(f.name).null_count:

@@ -20,7 +20,7 @@ class UnsafeIdentifier(ValueError):
 
 def ident(name: str) -> str:
     """Quote a syntactically valid identifier; raises UnsafeIdentifier otherwise."""
-    if not isinstance(name, str) or not _IDENT.match(name):
+    if not isinstance(name, str) or not _IDENT.fullmatch(name):  # fullmatch: "$" alone lets "x\n" through
         raise UnsafeIdentifier(f"unsafe SQL identifier {name!r}")
     return f'"{name}"'
 

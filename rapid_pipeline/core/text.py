@@ -43,9 +43,17 @@ def decode_strict(data: bytes) -> str:
         raise TextRejected("invalid_utf8", str(exc)) from exc
 
 
+def _already_clean(raw: str) -> bool:
+    # Why: most KG names / captions are already clean; this C-speed check proves `clean` would return
+    # them unchanged (printable = no Cc/Cf/Co/Cs/Cn/Z* except " ", already NFKC, no edge or double space).
+    return raw.isprintable() and unicodedata.is_normalized("NFKC", raw) and raw.strip() == raw and "  " not in raw
+
+
 def clean(raw: str) -> str:
     if "\x00" in raw:
         raise TextRejected("nul_byte")
+    if _already_clean(raw):
+        return raw
     text = unicodedata.normalize("NFKC", raw)
     # Keep tabs/newlines as spaces; drop everything invisible or non-printing.
     text = "".join(" " if ch in "\t\n\r\x0b\x0c" else ch for ch in text
@@ -60,8 +68,33 @@ def _converter():
     return OpenCC("t2s")
 
 
+@functools.lru_cache(maxsize=1)
+def _traditional_chars() -> frozenset[str]:
+    """Characters some t2s entry actually changes: text with none of them converts to itself.
+
+    (A matching entry that changes nothing leaves the text as it is, so only changed positions matter.)
+    """
+    from pathlib import Path
+
+    import opencc
+
+    folder = Path(opencc.__file__).parent / "dictionary"
+    chars: set[str] = set()
+    for name in ("TSPhrases.txt", "TSCharacters.txt"):
+        for line in (folder / name).read_text(encoding="utf-8").splitlines():
+            key, _, values = line.partition("\t")
+            value = values.split(" ")[0]
+            changed = set(key) if len(key) != len(value) else {k for k, v in zip(key, value) if k != v}
+            chars.update(changed)
+    return frozenset(chars)
+
+
 @functools.lru_cache(maxsize=1 << 16)
 def to_simplified(text: str) -> str:
+    # Why the check: the pure-Python OpenCC costs ~10 us per name; skipping text it cannot change
+    # makes KG ingestion of already-simplified names ~50x cheaper with identical output.
+    if _traditional_chars().isdisjoint(text):
+        return text
     return _converter().convert(text)
 
 
