@@ -1,0 +1,66 @@
+"""bench/latency.py on the tiny preset / CPU: table structure, ratios computed from measured times."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "latency.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("rapid_bench_latency", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_cpu_bench_structure(capsys, tmp_path):
+    bench = _load_bench()
+    out_file = tmp_path / "bench.json"
+    result = bench.main(["--preset", "tiny", "--device", "cpu", "--steps", "2", "--fast-steps", "2", "--iters", "1",
+                         "--warmup", "1", "--throughput-batches", "2", "--variants", "eager,sdpa-math", "--size", "128",
+                         "--extra-variants", "eager", "--json-out", str(out_file)])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(printed[-1]) == json.loads(json.dumps(result, default=str))  # last line: the JSON
+    assert json.loads(out_file.read_text())["best"] == result["best"]
+    assert printed[0].split()[:7] == ["variant", "text_encoder", "unet", "unet_per_step", "vae_decoder",
+                                      "super_resolution", "total"]
+    assert [line.split()[0] for line in printed[2:4]] == ["eager", "sdpa-math"]
+
+    eager, other = result["results"]["eager"], result["results"]["sdpa-math"]
+    for comp in ("text_encoder", "unet", "vae_decoder", "super_resolution", "total"):
+        assert eager["ms"][comp] > 0 and other["ms"][comp] > 0
+        assert other["ratio_vs_eager"][comp] == pytest.approx(eager["ms"][comp] / other["ms"][comp])
+        assert eager["ratio_vs_eager"][comp] == pytest.approx(1.0)
+    assert other["ms"]["unet_per_step"] == pytest.approx(other["ms"]["unet"] / 2)
+    assert other["options"]["attention"] == "sdpa-math" and eager["options"]["compiler"] == "none"
+    assert result["final_size"] == 128 and result["size"] == 32  # --size is the final (x4 ESRGAN) size
+
+    assert set(result["throughput"]["eager"]) == {"2"} and result["throughput"]["eager"]["2"] > 0
+    assert result["fast_total_ms"]["eager"] > 0
+    goals = {g["metric"]: g for g in result["goals"]}
+    assert goals["total_ms"]["measured"] == pytest.approx(result["results"][result["best"]]["ms"]["total"])
+    assert goals["throughput_images_per_s"]["met"] == (result["throughput"]["eager"]["2"] >= 20.0)
+    assert any(line.strip().startswith("total_ms") and "goal <= 120.0" in line for line in printed)
+
+
+def test_unknown_variant_is_a_clear_error():
+    bench = _load_bench()
+    with pytest.raises(SystemExit, match="unknown variant"):
+        bench.main(["--preset", "tiny", "--device", "cpu", "--variants", "warp-drive", "--throughput-batches"])
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_tiny_cuda_bench_with_compile_and_cuda_graphs():
+    bench = _load_bench()
+    result = bench.main(["--preset", "tiny", "--device", "cuda", "--steps", "4", "--iters", "2", "--warmup", "2",
+                         "--throughput-batches", "2", "--variants", "eager,lowp-flash,lowp-flash-inductor-cudagraphs"])
+    assert result["device"].startswith("cuda:")
+    for name in ("eager", "lowp-flash", "lowp-flash-inductor-cudagraphs"):
+        assert result["results"][name]["ms"]["total"] > 0
+    assert result["results"]["lowp-flash-inductor-cudagraphs"]["options"]["cuda_graphs"] is True
