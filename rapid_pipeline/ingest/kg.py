@@ -29,6 +29,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import Counter
 import fcntl
 import hashlib
@@ -78,61 +79,67 @@ class KGIngestConfig:
 
 
 def stable_id(prefix: str, domain: str, name: str) -> str:
-    """``e``/``r`` + sha256(domain \\0 name)[:15]: stable across runs, partitions and machines."""
+    """``e``/``r`` + sha256(domain \\0 name)[:15]: stable across runs, partitions and machines.
+
+    (The stage computes the same hash in DuckDB, ``sha256(domain || chr(0) || name)``, once per distinct name.)
+    """
     return prefix + hashlib.sha256(f"{domain}\0{name}".encode()).hexdigest()[:15]
 
 
-class Namer:
-    """raw name -> (name, simplified, stable id, reject reason); each distinct name normalised and hashed once.
+# ---------------------------------------------------------------- names (distinct raw name -> normalised)
 
-    Results live in Arrow columns; a dict maps a raw name to its row there. Per batch only the
-    batch's distinct names are looked up (cost linear in the batch, not in the cache size), and only
-    new ones reach Python's `normalize`.
-    """
-
-    def __init__(self, config: KGIngestConfig, domain: str, prefix: str):
-        self.config, self.domain, self.prefix = config, domain, prefix
-        self._reset()
-
-    def _reset(self) -> None:
-        self.row: dict[str, int] = {}
-        self.results = [pa.array([], pa.string()) for _ in range(4)]
-
-    def _compute(self, raw: str) -> tuple[str | None, str | None, str | None, str | None]:
-        try:
-            n = normalize(raw, self.config.max_name_chars, self.config.to_simplified)
-        except TextRejected as exc:
-            return None, None, None, "empty_field" if exc.reason == "empty_text" else exc.reason
-        return n.text, n.simplified, stable_id(self.prefix, self.domain, n.text), None
-
-    def _learn(self, missing: list[str]) -> None:
-        base = len(self.row)
-        self.row.update((raw, base + k) for k, raw in enumerate(missing))
-        new = [self._compute(raw) for raw in missing]
-        self.results = [pa.concat_arrays([old, pa.array(col, pa.string())]) for old, col in zip(self.results, zip(*new))]
-
-    def map(self, values: pa.Array) -> list[pa.Array]:
-        """[name, simplified, id, reason] arrays aligned with `values`."""
-        enc = pc.dictionary_encode(values)
-        distinct = enc.dictionary.to_pylist()
-        missing = [raw for raw in distinct if raw not in self.row]
-        if missing and len(self.row) + len(missing) > self.config.name_cache:
-            self._reset()  # bounded memory: restart the cache with this batch's names
-            missing = distinct
-        if missing:
-            self._learn(missing)
-        rows = pa.array([self.row[raw] for raw in distinct], pa.int64()).take(enc.indices)
-        *cols, reason = self.results
-        no_reasons = reason.null_count == len(reason)  # the usual case: skip a take
-        return [c.take(rows) for c in cols] + [pa.nulls(len(values), pa.string()) if no_reasons else reason.take(rows)]
+# Names made only of ASCII letters/digits/underscore and CJK unified ideographs are printable, NFKC-stable
+# and have no spaces to collapse: `core.text.clean` returns them unchanged, so they skip Python.
+_CLEAN_NAME = r"^[0-9A-Za-z_\x{4E00}-\x{9FFF}]+$"
+NAMES = pa.schema([("raw", pa.string()), ("name", pa.string()), ("simplified", pa.string()), ("reason", pa.string())])
 
 
-# ---------------------------------------------------------------- staging (stream -> Parquet)
+@functools.lru_cache(maxsize=1)
+def _traditional_pattern() -> str:
+    """RE2 class of every character OpenCC t2s may change: names without one convert to themselves."""
+    from ..core.text import _traditional_chars
 
-STAGED = pa.schema([("head_id", pa.string()), ("relation_id", pa.string()), ("tail_id", pa.string()),
-                    ("head", pa.string()), ("relation", pa.string()), ("tail", pa.string()),
-                    ("head_simplified", pa.string()), ("tail_simplified", pa.string()),
-                    ("source_file", pa.string()), ("source_pos", pa.int64()), ("ord", pa.int64())])
+    return "[" + "".join(f"\\x{{{ord(c):X}}}" for c in sorted(_traditional_chars())) + "]"
+
+
+def _normalise_one(raw: str, config: KGIngestConfig) -> tuple[str | None, str | None, str | None]:
+    try:
+        n = normalize(raw, config.max_name_chars, config.to_simplified)
+    except TextRejected as exc:
+        return None, None, "empty_field" if exc.reason == "empty_text" else exc.reason
+    return n.text, n.simplified, None
+
+
+def normalise_names(raw: pa.Array, config: KGIngestConfig) -> pa.Table:
+    """[raw, name, simplified, reason] for distinct raw names: Arrow proves most clean, Python does the rest."""
+    fast = pc.and_(pc.match_substring_regex(raw, _CLEAN_NAME), pc.less_equal(pc.utf8_length(raw), config.max_name_chars))
+    if config.to_simplified:
+        fast = pc.and_(fast, pc.invert(pc.match_substring_regex(raw, _traditional_pattern())))
+    clean = raw.filter(fast)
+    rest = raw.filter(pc.invert(fast)).to_pylist()
+    done = [_normalise_one(x, config) for x in rest]
+    cols = [pa.array([d[k] for d in done], pa.string()) for k in range(3)]
+    return pa.table([pa.concat_arrays([clean, pa.array(rest, pa.string())]),
+                     pa.concat_arrays([clean, cols[0]]), pa.concat_arrays([clean, cols[1]]),
+                     pa.concat_arrays([pa.nulls(len(clean), pa.string()), cols[2]])], schema=NAMES)
+
+
+def build_names(con, config: KGIngestConfig, domain: str) -> None:
+    """Table `names` (raw, name, simplified, reason, hash) over this run's distinct raw names, in batches."""
+    con.execute("CREATE TABLE names (raw VARCHAR, name VARCHAR, simplified VARCHAR, reason VARCHAR, hash VARCHAR)")
+    writer = con.cursor()  # the reader below streams on `con`
+    reader = con.sql(warehouse.read_sql("ingest_kg_names.sql")).to_arrow_reader(config.name_cache)
+    for rb in reader:
+        batch = normalise_names(pa.Table.from_batches([rb]).column("raw").combine_chunks(), config)  # noqa: F841 (read by DuckDB)
+        writer.execute("INSERT INTO names SELECT raw, name, simplified, reason, "
+                       "CASE WHEN reason IS NULL THEN substr(sha256($prefix || name), 1, 15) END FROM batch",
+                       {"prefix": domain + "\0"})
+    writer.close()
+
+
+# ---------------------------------------------------------------- staging (stream -> DuckDB table)
+
+ORD_BITS = 40  # ord = file index << 40 | line: input order as one int64 (2^40 lines per file)
 
 
 @dataclass
@@ -141,80 +148,67 @@ class Counts:
     staged: int = 0
     quarantined: int = 0
 
-    def add(self, batch: RawBatch, staged: int, rejected: int) -> None:
-        self.rows_in += batch.rows_in
-        self.staged += staged
-        self.quarantined += rejected
-
-
-def _stage_batch(batch: RawBatch, ents: Namer, rels: Namer, source: str, file_idx: int) -> tuple[pa.Table, list[Reject]]:
-    n = len(batch.head)
-    both = ents.map(pa.concat_arrays([batch.head, batch.tail]))  # one pass over the distinct names of both ends
-    h, t = [x.slice(0, n) for x in both], [x.slice(n) for x in both]
-    r = rels.map(batch.relation)
-    bad = pc.or_(pc.or_(pc.is_valid(h[3]), pc.is_valid(r[3])), pc.is_valid(t[3]))
-    rejects = list(batch.rejects)
-    table = pa.table([h[2], r[2], t[2], h[0], r[0], t[0], h[1], t[1], pa.repeat(source, n), batch.pos],
-                     schema=pa.schema(list(STAGED)[:10]))
-    if bad.true_count:
-        rejects += _name_rejects(batch, (h[3], r[3], t[3]), bad)
-        table = table.filter(pc.invert(bad))
-    ords = pc.add(table.column("source_pos"), file_idx << 40)  # input order key: (file index, line) in one int64
-    return table.append_column("ord", ords), sorted(rejects, key=lambda r: r.pos)
-
-
-def _name_rejects(batch: RawBatch, reasons: tuple[pa.Array, ...], bad: pa.Array) -> list[Reject]:
-    out = []
-    cols = [batch.head.filter(bad), batch.relation.filter(bad), batch.tail.filter(bad)]
-    rs = [x.filter(bad).to_pylist() for x in reasons]
-    for k, p in enumerate(batch.pos.filter(bad).to_pylist()):
-        role, reason = next((role, rs[i][k]) for i, role in enumerate(("head", "relation", "tail")) if rs[i][k])
-        raw = "\t".join(c[k].as_py() for c in cols)
-        out.append(Reject(p, reason, f"{role}: {reason}", raw[:2048]))
-    return out
-
 
 class Stager:
-    """Writes staged triples and rejects to Parquet files in a scratch folder as batches arrive."""
+    """Appends raw triples to DuckDB table `staged` and line-level rejects to a Parquet file as batches arrive."""
 
-    def __init__(self, scratch: Path, domain: str, partition: str):
-        self.domain, self.partition = domain, partition
-        self.triples_path, self.rejects_path = scratch / "triples.parquet", scratch / "rejects.parquet"
-        # Dictionary-encode only low-cardinality columns: ids and names are mostly distinct (encoding them costs CPU).
-        self.triples = pq.ParquetWriter(self.triples_path, STAGED, compression="lz4", use_dictionary=["relation_id", "relation", "source_file"])
+    def __init__(self, con, scratch: Path, domain: str, partition: str, sources: list[str]):
+        self.con, self.domain, self.partition, self.sources = con, domain, partition, sources
+        self.rejects_path = scratch / "rejects.parquet"
+        con.execute("CREATE TABLE staged (h VARCHAR, r VARCHAR, t VARCHAR, ord BIGINT)")
         self.rejects = pq.ParquetWriter(self.rejects_path, table_schema("quarantine"), compression="lz4")
-        self.reasons: dict[str, Counter] = {}
+        self.reasons: dict[str, Counter] = {s: Counter() for s in sources}
+        self.staged_by_file: Counter = Counter()
+        self.counts = Counts()
 
-    def write(self, table: pa.Table, rejects: list[Reject], source: str) -> None:
-        if table.num_rows:
-            self.triples.write_table(table)
-        if rejects:
-            self.rejects.write_table(self._reject_table(rejects, source))
-        self.reasons.setdefault(source, Counter()).update(r.reason for r in rejects)
+    def write(self, batch: RawBatch, file_idx: int) -> None:
+        if len(batch.pos):
+            raw = pa.table({"h": batch.head, "r": batch.relation, "t": batch.tail,  # noqa: F841 (read by DuckDB)
+                            "ord": pc.add(batch.pos, file_idx << ORD_BITS)})
+            self.con.execute("INSERT INTO staged SELECT * FROM raw")
+        self.add_rejects(batch.rejects, file_idx)
+        self.staged_by_file[file_idx] += len(batch.pos)
+        self.counts.rows_in += batch.rows_in
+        self.counts.staged += len(batch.pos)
 
-    def _reject_table(self, rejects: list[Reject], source: str) -> pa.Table:
-        n = len(rejects)
+    def add_rejects(self, rejects: list[Reject], file_idx: int) -> None:
+        if not rejects:
+            return
+        source, n = self.sources[file_idx], len(rejects)
         cols = {"domain": [self.domain] * n, "partition": [self.partition] * n, "stage": [STAGE] * n,
                 "source_file": [source] * n, "source_pos": [r.pos for r in rejects], "reason": [r.reason for r in rejects],
                 "detail": [r.detail for r in rejects], "raw": [r.raw for r in rejects]}
-        return pa.Table.from_pydict(cols, schema=table_schema("quarantine"))
+        self.rejects.write_table(pa.Table.from_pydict(cols, schema=table_schema("quarantine")))
+        self.reasons[source].update(r.reason for r in rejects)
+        self.counts.quarantined += n
 
     def close(self) -> None:
-        self.triples.close()
         self.rejects.close()
 
 
-def stage_inputs(config: KGIngestConfig, paths: Sequence[Path], stager: Stager, domain: str) -> Counts:
-    ents, rels, counts = Namer(config, domain, "e"), Namer(config, domain, "r"), Counts()
+def stage_inputs(config: KGIngestConfig, paths: Sequence[Path], stager: Stager) -> Counts:
     with bar("ingest kg", unit="rows") as progress:
         for file_idx, path in enumerate(paths):
-            source = str(path)
             for batch in read_triples(path, config.read_options()):
-                table, rejects = _stage_batch(batch, ents, rels, source, file_idx)
-                stager.write(table, rejects, source)
-                counts.add(batch, table.num_rows, len(rejects))
+                stager.write(batch, file_idx)
                 progress.update(batch.rows_in)
-    return counts
+    return stager.counts
+
+
+def quarantine_bad_names(con, stager: Stager) -> None:
+    """Staged rows with a rejected name join the line-level rejects (their rows leave the staged count)."""
+    reader = con.sql(warehouse.read_sql("ingest_kg_name_rejects.sql")).to_arrow_reader(OUT_ROWS)
+    for rb in reader:
+        by_file: dict[int, list[Reject]] = {}
+        for row in rb.to_pylist():
+            file_idx, pos = row["ord"] >> ORD_BITS, row["ord"] & ((1 << ORD_BITS) - 1)
+            role, reason = next((role, row[f"{role}_reason"]) for role in ("head", "relation", "tail") if row[f"{role}_reason"])
+            raw = "\t".join((row["h"], row["r"], row["t"]))[:2048]
+            by_file.setdefault(file_idx, []).append(Reject(pos, reason, f"{role}: {reason}", raw))
+        for file_idx, rejects in by_file.items():
+            stager.add_rejects(rejects, file_idx)
+            stager.staged_by_file[file_idx] -= len(rejects)
+            stager.counts.staged -= len(rejects)
 
 
 # ---------------------------------------------------------------- DuckDB phase (dedupe, entities)
@@ -250,25 +244,29 @@ def publish_query(home: Home, con, sql_name: str, params: dict, table: str, doma
     return lake.publish_table(home, table, domain, partition, fixed_batches(reader), stage=STAGE)
 
 
-def publish_triples(home: Home, config: KGIngestConfig, stager: Stager, scratch: Path) -> DatasetRef:
-    with duck(config, scratch) as con:
-        con.read_parquet(str(stager.triples_path)).create_view("staged")
-        return publish_query(home, con, "ingest_kg_dedupe.sql", {"domain": stager.domain, "partition": stager.partition},
-                             "kg_triples", stager.domain, stager.partition)
+def publish_triples(home: Home, con, stager: Stager) -> DatasetRef:
+    sources = pa.table({"file_idx": pa.array(range(len(stager.sources)), pa.int64()), "source_file": stager.sources})
+    con.register("sources", sources)
+    return publish_query(home, con, "ingest_kg_dedupe.sql", {"domain": stager.domain, "partition": stager.partition},
+                         "kg_triples", stager.domain, stager.partition)
 
 
-def publish_quarantine(home: Home, stager: Stager) -> DatasetRef:
-    pf = pq.ParquetFile(stager.rejects_path)
-    batches = (pa.Table.from_batches([b]) for b in pf.iter_batches(OUT_ROWS))
+def publish_quarantine(home: Home, con, stager: Stager) -> DatasetRef:
+    """Line-level and name-level rejects together, in input order (file, then line)."""
+    rel = con.sql("SELECT * FROM read_parquet($path) ORDER BY list_position($sources, source_file), source_pos",
+                  params={"path": str(stager.rejects_path), "sources": stager.sources})
+    batches = fixed_batches(rel.to_arrow_reader(OUT_ROWS))
     return lake.publish_table(home, "quarantine", stager.domain, side_partition(STAGE, stager.partition), batches, stage=STAGE)
 
 
-def publish_stats(home: Home, stager: Stager, triples: DatasetRef, sources: list[str], seconds: float) -> DatasetRef:
-    """ingest_stats: one row per input file plus the '*' total (accepted/duplicates from the staged and kept rows)."""
-    staged = _count_by_file([str(stager.triples_path)])
+def publish_stats(home: Home, stager: Stager, triples: DatasetRef, seconds: float) -> DatasetRef:
+    """ingest_stats: one row per input file plus the '*' total (accepted/duplicates from the valid and kept rows)."""
     kept = _count_by_file([str(p) for p in atomic.manifest_paths(triples.path)])
-    rows = [stats_row(stager.domain, stager.partition, STAGE, src, kept.get(src, 0), staged.get(src, 0) - kept.get(src, 0),
-                      stager.reasons.get(src, Counter())) for src in sources]
+    rows = []
+    for idx, src in enumerate(stager.sources):
+        valid = stager.staged_by_file.get(idx, 0)
+        rows.append(stats_row(stager.domain, stager.partition, STAGE, src, kept.get(src, 0), valid - kept.get(src, 0),
+                              stager.reasons[src]))
     rows.append(total_row(stager.domain, stager.partition, STAGE, rows, round(seconds, 3)))
     table = pa.Table.from_pylist(rows, schema=table_schema("ingest_stats"))
     return lake.publish_table(home, "ingest_stats", stager.domain, side_partition(STAGE, stager.partition), table, stage=STAGE)
@@ -294,6 +292,7 @@ def rebuild_entities(home: Home, config: KGIngestConfig, domain: str, scratch: P
     params = {"domain": domain, "alias_relations": aliases}
     with domain_lock(home, domain), duck(config, scratch) as con:
         con.read_parquet(files).create_view("triples")
+        con.execute(f"CREATE TABLE t AS {warehouse.read_sql('ingest_kg_distinct.sql')}")
         return [publish_query(home, con, "ingest_kg_entities.sql", params, "kg_entities", domain, "all"),
                 publish_query(home, con, "ingest_kg_relations.sql", params, "kg_relations", domain, "all")]
 
@@ -310,6 +309,22 @@ def _check_paths(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
+def _stage_and_publish(home: Home, config: KGIngestConfig, paths: list[Path], domain: str, partition: str,
+                       scratch: Path) -> tuple[Stager, DatasetRef, DatasetRef, float]:
+    """Read -> staged table -> names -> quarantine + deduplicated kg_triples, all in one DuckDB session."""
+    with duck(config, scratch) as con:
+        t0 = time.perf_counter()
+        stager = Stager(con, scratch, domain, partition, [str(p) for p in paths])
+        stage_inputs(config, paths, stager)
+        build_names(con, config, domain)
+        quarantine_bad_names(con, stager)
+        stager.close()
+        t1 = time.perf_counter()
+        triples = publish_triples(home, con, stager)
+        quarantine = publish_quarantine(home, con, stager)
+    return stager, triples, quarantine, t1 - t0
+
+
 def _body(home: Home, config: KGIngestConfig, paths: list[Path], domain: str, partition: str) -> StageResult:
     # One scratch folder per (domain, partition): run_stage holds that partition's lock, so a leftover
     # here is from a killed run and is safe to remove.
@@ -318,21 +333,17 @@ def _body(home: Home, config: KGIngestConfig, paths: list[Path], domain: str, pa
     scratch.mkdir(parents=True)
     try:
         t0 = time.perf_counter()
-        stager = Stager(scratch, domain, partition)
-        counts = stage_inputs(config, paths, stager, domain)
-        stager.close()
-        t1 = time.perf_counter()
-        triples = publish_triples(home, config, stager, scratch)
-        quarantine = publish_quarantine(home, stager)
+        stager, triples, quarantine, read_s = _stage_and_publish(home, config, paths, domain, partition, scratch)
         entities = rebuild_entities(home, config, domain, scratch)
         t2 = time.perf_counter()
-        stats = publish_stats(home, stager, triples, [str(p) for p in paths], t2 - t0)
+        stats = publish_stats(home, stager, triples, t2 - t0)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     warehouse.refresh_views(home)
     reasons = sum(stager.reasons.values(), Counter())
+    counts = stager.counts
     extra = {"reasons": dict(sorted(reasons.items())), "entities": entities[0].rows, "relations": entities[1].rows,
-             "seconds_read": round(t1 - t0, 3), "seconds_dedupe_publish": round(t2 - t1, 3),
+             "seconds_read": round(read_s, 3), "seconds_dedupe_publish": round(t2 - t0 - read_s, 3),
              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     return StageResult([triples, quarantine, *entities, stats], rows_in=counts.rows_in, rows_out=triples.rows,
                        rows_quarantined=counts.quarantined, rows_duplicate=counts.staged - (triples.rows or 0), extra=extra)

@@ -16,6 +16,7 @@ Invariants:
 from __future__ import annotations
 
 import bz2
+import codecs
 import csv
 import gzip
 import io
@@ -194,42 +195,55 @@ def read_tsv(f: IO[bytes], opts: ReadOptions) -> Iterator[RawBatch]:
 
 
 def _tsv_chunk(data: bytes, base: int, cols: tuple[int, int, int], width: int) -> RawBatch:
-    """`data` holds whole lines; line k (0-based) of it is file line base + 1 + k."""
+    """`data` holds whole lines; line k (0-based) of it is file line base + 1 + k.
+
+    Why numpy/Arrow and no per-line Python: line ends, NUL bytes and tab counts are found with
+    vectorised scans, the lines become one zero-copy Arrow array, and Python only touches bad lines.
+    """
+    buf = np.frombuffer(data, np.uint8)
+    ends = np.flatnonzero(buf == 10)
+    pos = np.arange(base + 1, base + 1 + len(ends), dtype=np.int64)
+    offsets = np.concatenate(([0], ends + 1)).astype(np.int64)
+    lines = pa.LargeStringArray.from_buffers(len(ends), pa.py_buffer(offsets), pa.py_buffer(data))
     rejects: list[Reject] = []
-    text = data.decode("utf-8", errors="surrogateescape")  # bad bytes -> lone surrogates, found below
-    lines = text.split("\n")[:-1]
-    pos = np.arange(base + 1, base + 1 + len(lines), dtype=np.int64)
-    if _BAD_CHAR.search(text):
-        lines, pos = _drop_bad_lines(lines, pos, rejects)
-    lines = pc.utf8_rtrim(pa.array(lines, pa.string()), characters="\r")
-    pos = pa.array(pos)
-    keep = pc.greater(pc.utf8_length(lines), 0)  # blank lines are not rows
-    lines, pos = lines.filter(keep), pos.filter(keep)
-    parts = pc.split_pattern(lines, "\t")
-    good = pc.equal(pc.list_value_length(parts), width)
-    if not pc.all(good).as_py():
-        bad = pc.invert(good)
-        for p, line, n in zip(pos.filter(bad).to_pylist(), lines.filter(bad).to_pylist(), pc.list_value_length(parts.filter(bad)).to_pylist()):
-            rejects.append(Reject(p, "column_count", f"{n} columns, expected {width}", _raw(line)))
-        parts, pos = parts.filter(good), pos.filter(good)
-    h, r, t = (pc.list_element(parts, c) for c in cols)
-    return RawBatch(h, r, t, pos, rejects)
+    bad = _bad_byte_lines(data, buf, ends, offsets, pos, rejects)
+    fields = np.bincount(np.searchsorted(ends, np.flatnonzero(buf == 9)), minlength=len(ends)) + 1
+    lines = pc.utf8_rtrim(lines.filter(pa.array(~bad)), characters="\r\n")  # each line still ends with its newline
+    pos, fields = pos[~bad], fields[~bad]
+    keep = pc.greater(pc.utf8_length(lines), 0).to_numpy(zero_copy_only=False)  # blank lines are not rows
+    good = keep & (fields == width)
+    for k in np.flatnonzero(keep & ~good):
+        rejects.append(Reject(int(pos[k]), "column_count", f"{fields[k]} columns, expected {width}", _raw(lines[int(k)].as_py())))
+    parts = pc.split_pattern(lines.filter(pa.array(good)), "\t")
+    h, r, t = (pc.cast(pc.list_element(parts, c), pa.string()) for c in cols)
+    return RawBatch(h, r, t, pa.array(pos[good]), sorted(rejects, key=lambda x: x.pos))
 
 
-_BAD_CHAR = re.compile("[\x00\udc80-\udcff]")
+def _bad_byte_lines(data: bytes, buf: np.ndarray, ends: np.ndarray, offsets: np.ndarray, pos: np.ndarray,
+                    rejects: list[Reject]) -> np.ndarray:
+    """Mask of lines holding NUL or invalid UTF-8 (those go to `rejects`); scans only near bad bytes."""
+    nul = np.zeros(len(ends), dtype=bool)
+    nul[np.searchsorted(ends, np.flatnonzero(buf == 0))] = True
+    bad = nul.copy()
+    for offset in _invalid_utf8_offsets(data):
+        bad[np.searchsorted(ends, offset)] = True
+    for k in np.flatnonzero(bad):
+        reason, detail = ("nul_byte", "NUL byte in line") if nul[k] else ("invalid_utf8", "line is not valid UTF-8")
+        rejects.append(Reject(int(pos[k]), reason, detail, _raw(data[offsets[k]:ends[k]])))
+    return bad
 
 
-def _drop_bad_lines(lines: list[str], pos: np.ndarray, rejects: list[Reject]) -> tuple[list[str], np.ndarray]:
-    """Lines holding NUL or undecodable bytes (escaped as surrogates) go to `rejects`."""
-    bad = [k for k, line in enumerate(lines) if _BAD_CHAR.search(line)]
-    for k in bad:
-        raw = lines[k].encode("utf-8", errors="surrogateescape")
-        reason, detail = ("nul_byte", "NUL byte in line") if "\x00" in lines[k] else ("invalid_utf8", "line is not valid UTF-8")
-        rejects.append(Reject(int(pos[k]), reason, detail, _raw(raw)))
-    keep = np.ones(len(lines), dtype=bool)
-    keep[bad] = False
-    bad_set = set(bad)
-    return [line for k, line in enumerate(lines) if k not in bad_set], pos[keep]
+def _invalid_utf8_offsets(data: bytes) -> Iterator[int]:
+    """Byte offsets of the first invalid UTF-8 sequence of each bad line (lines decode independently)."""
+    view, start = memoryview(data), 0
+    while start < len(data):
+        try:
+            codecs.utf_8_decode(view[start:], "strict", True)
+            return
+        except UnicodeDecodeError as exc:
+            yield start + exc.start
+            nl = data.find(b"\n", start + exc.start)
+            start = len(data) if nl < 0 else nl + 1
 
 
 # ---------------------------------------------------------------- CSV

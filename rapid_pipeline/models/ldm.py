@@ -118,6 +118,16 @@ def load_local(folder: str | Path, context_dim: int | None = None):
     return unet, vae
 
 
+def load_vae(folder: str | Path):
+    """An ``AutoencoderKL`` saved by ``rapid train vae`` (``save_pretrained``); never downloads."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder} is not a VAE folder (config.json is missing)")
+    return AutoencoderKL.from_pretrained(folder, local_files_only=True)
+
+
 def count_params(module: torch.nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 

@@ -18,7 +18,8 @@ Invariants:
   newest complete checkpoint (model, EMA, optimizer, LR schedule, RNG, global step, data position). All
   per-step randomness (caption dropout, timesteps, noise, latent sampling) is drawn from a generator
   seeded by (seed, step, rank), so the step after a resume computes the same loss as an uninterrupted run.
-* The VAE is frozen; with ``--precompute-latents`` its posterior parameters are cached once per
+* The VAE is frozen: ``--vae auto`` takes the newest `rapid train vae` run of the domain (it enters the
+  step-cache key and lineage as an input; without one the VAE is random and the report warns). With ``--precompute-latents`` its posterior parameters are cached once per
   (shard set, VAE, image size) and sampled per step exactly as the online path does (JPEGs are then
   not even decoded). A prefetch thread reads/decodes the next batches; checkpoints record the data
   position of the last batch trained on, never of a prefetched one.
@@ -86,6 +87,9 @@ class DiffusionConfig:
     precompute_latents: bool = opt(False, "encode shard images once with the VAE and train from cached latents")
     init_from: str = opt("", "local SD-1.x diffusers folder (unet/, vae/) to start from; empty = random init")
     clip: str = opt("", "CKCLIP folder (default: the newest models/ckclip/<domain>/*)")
+    vae: str = opt("auto", "autoencoder (frozen): auto = the newest `rapid train vae` run of the domain "
+                   "(models/vae/<domain>/*; else --init-from's vae/, else random with a warning), none = random, "
+                   "or a folder `rapid train vae` published")
     seed: int = opt(0, "seed of init, data order and per-step noise")
     device: str = opt("auto", "auto, cpu, cuda, cuda:1, ... (under accelerate launch: the process's GPU)")
     log_every: int = opt(50, "steps between metric rows in the warehouse")
@@ -292,6 +296,7 @@ class Trainer:
     dtype: torch.dtype
     latent_cache: dict[str, torch.Tensor] | None = None
     notes: list[str] = field(default_factory=list)
+    vae_dir: Path | None = None  # the trained VAE in use (None: --init-from's or a random one)
 
     @property
     def train_text(self) -> bool:
@@ -317,14 +322,18 @@ def load_text_tower(clip_dir: Path) -> tuple[torch.nn.Module, Any]:
     return CKCLIPTextEncoder.from_pretrained(clip_dir), KnowledgeTokenizer.from_pretrained(clip_dir)
 
 
-def build_models(config: DiffusionConfig, clip_dir: Path) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module, Any]:
-    """(unet, vae, text_encoder, tokenizer): random init of the preset, or a local SD-1.x folder."""
+def build_models(config: DiffusionConfig, clip_dir: Path, vae_dir: Path | None = None
+                 ) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module, Any]:
+    """(unet, vae, text_encoder, tokenizer): random init of the preset, or a local SD-1.x folder; a trained
+    VAE folder (`vae_dir`, from `rapid train vae`) replaces the random / local VAE."""
     torch.manual_seed(config.seed)
     text_encoder, tokenizer = load_text_tower(clip_dir)
     if config.init_from:
         unet, vae = ldm.load_local(config.init_from, context_dim=text_encoder.hidden_size)
     else:
         unet, vae = ldm.build_unet(config.model, context_dim=text_encoder.hidden_size), ldm.build_vae(config.model)
+    if vae_dir is not None:
+        vae = ldm.load_vae(vae_dir)
     vae.requires_grad_(False).eval()
     text_encoder.requires_grad_(config.text_lr > 0)
     return unet, vae, text_encoder, tokenizer
@@ -353,9 +362,9 @@ def _optimizer(config: DiffusionConfig, unet: torch.nn.Module, text_encoder: tor
     return opt_, sched
 
 
-def build_trainer(config: DiffusionConfig, clip_dir: Path) -> Trainer:
+def build_trainer(config: DiffusionConfig, clip_dir: Path, vae_dir: Path | None = None) -> Trainer:
     accelerator, dtype = _accelerator(config)
-    unet, vae, text_encoder, tokenizer = build_models(config, clip_dir)
+    unet, vae, text_encoder, tokenizer = build_models(config, clip_dir, vae_dir)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         tm = text_encoder.text_model
@@ -375,7 +384,7 @@ def build_trainer(config: DiffusionConfig, clip_dir: Path) -> Trainer:
     if ema is not None:
         ema.to(accelerator.device)
     return Trainer(config, accelerator, unet, vae, text_encoder, tokenizer, noise_scheduler_for(config), optimizer,
-                   lr_scheduler, ema, accelerator.device, dtype)
+                   lr_scheduler, ema, accelerator.device, dtype, vae_dir=vae_dir)
 
 
 # ------------------------------------------------------------------------------------------ one step
@@ -475,10 +484,13 @@ def train_step(t: Trainer, samples: list[dict], step: int) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------ latent cache
-def latent_cache_path(home: Home, domain: str, config: DiffusionConfig, shard_root: Path) -> Path:
+def latent_cache_path(home: Home, domain: str, config: DiffusionConfig, shard_root: Path,
+                      vae_dir: Path | None = None) -> Path:
     manifest = json.loads((shard_root / "manifest.json").read_text())
     shards = [s["sha256"] for s in manifest["splits"].get("train", {}).get("shards", [])]
     vae_id = fingerprint_path(Path(config.init_from) / "vae") if config.init_from else ["random", config.model, config.seed]
+    if vae_dir is not None:
+        vae_id = fingerprint_path(vae_dir)
     key = fingerprint_obj([shards, vae_id, ldm.ldm_config(config.model).image_size])
     return home.models / "pipeline" / domain / ".latents" / f"{key[:24]}.safetensors"
 
@@ -660,6 +672,29 @@ def find_clip(home: Home, domain: str, clip: str) -> Path:
     return path
 
 
+def find_vae(home: Home, domain: str, config: DiffusionConfig) -> Path | None:
+    """The trained VAE folder --vae names (auto: newest of the domain unless --init-from); None = no trained VAE."""
+    if config.vae == "none":
+        return None
+    if config.vae == "auto":
+        return None if config.init_from else _newest_model(home.models / "vae" / domain, "config.json")
+    path = Path(config.vae)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"--vae {config.vae}: not a VAE folder from `rapid train vae` (no config.json)")
+    return path
+
+
+def _vae_note(config: DiffusionConfig, vae_dir: Path | None) -> str | None:
+    if vae_dir is not None:
+        return None
+    if config.init_from:
+        return f"VAE from --init-from {config.init_from}/vae"
+    if config.vae == "none":
+        return "VAE is random (--vae none): generated images are not meaningful"
+    return ("WARNING: no trained VAE under models/vae/<domain>/ (run `rapid train vae` first): the VAE is random, "
+            "so generated images are noise")
+
+
 def _newest_model(root: Path, marker: str) -> Path | None:
     current = root / "CURRENT"
     if current.is_file() and (root / current.read_text().strip() / marker).exists():
@@ -677,13 +712,16 @@ def run(config: DiffusionConfig, home: Home, domain: str, resume: str = "auto", 
         raise FileNotFoundError(f"no shards for domain {domain!r}: {manifest} is missing (run `rapid shard` first)")
     _check_config(config)
     clip_dir = find_clip(home, domain, config.clip)
+    vae_dir = find_vae(home, domain, config)
     inputs = [DatasetRef.of(manifest), DatasetRef.of(clip_dir)] + _embedding_inputs(shard_root)
     if config.init_from:
         inputs.append(DatasetRef.of(config.init_from))
+    if vae_dir is not None:  # the trained VAE is an input: a new one gives a new run and a cache miss
+        inputs.append(DatasetRef.of(vae_dir))
     run_dir = Path(out) if out else home.models / "pipeline" / domain / run_name(config, [r.fingerprint for r in inputs])
 
     def body(report: StageReport) -> StageResult:
-        return _train(config, home, domain, shard_root, clip_dir, run_dir, resume, report)
+        return _train(config, home, domain, shard_root, clip_dir, run_dir, resume, report, vae_dir)
 
     rank, world = _launch_rank_world()
     if world > 1 and rank != 0:
@@ -724,10 +762,13 @@ def _check_config(config: DiffusionConfig) -> None:
 
 
 def _train(config: DiffusionConfig, home: Home, domain: str, shard_root: Path, clip_dir: Path, run_dir: Path,
-           resume: str, report: StageReport) -> StageResult:
-    t = build_trainer(config, clip_dir)
+           resume: str, report: StageReport, vae_dir: Path | None = None) -> StageResult:
+    t = build_trainer(config, clip_dir, vae_dir)
+    note = _vae_note(config, vae_dir)
+    if note:
+        t.notes.append(note)
     if config.precompute_latents:
-        t.latent_cache = build_latent_cache(t, shard_root, latent_cache_path(home, domain, config, shard_root))
+        t.latent_cache = build_latent_cache(t, shard_root, latent_cache_path(home, domain, config, shard_root, vae_dir))
     state = maybe_resume(t, run_dir, resume)
     stream = SampleStream(shard_root, config.seed, state.data_position, t.accelerator.process_index,
                           t.accelerator.num_processes, images=t.latent_cache is None)
@@ -758,6 +799,7 @@ def _meta(t: Trainer, state: common.TrainState, history: list[dict], final_val: 
           position: dict) -> dict:
     return {"resumed_from_step": state.step, "steps": t.config.steps, "final_loss": history[-1]["loss"] if history else None,
             "data_position": position, "clip": str(clip_dir), "ema": t.ema is not None,
+            "vae": str(t.vae_dir) if t.vae_dir is not None else ("init_from" if t.config.init_from else "random"),
             "precision": str(t.dtype).removeprefix("torch."), "processes": t.accelerator.num_processes,
             "latent_cache": t.latent_cache is not None, "notes": t.notes, **final_val,
             "config": dataclasses.asdict(t.config)}

@@ -1,0 +1,1 @@
+"""Model architectures: CKCLIP (knowledge-enhanced Chinese CLIP) and its character tokenizer."""

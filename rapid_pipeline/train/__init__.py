@@ -1,0 +1,1 @@
+"""Training stages: `rapid train clip|diffusion|sr` and their shared utilities (`common`)."""
