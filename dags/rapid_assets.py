@@ -68,6 +68,7 @@ SHARDS = _asset("rapid_shards", "shards")
 MODELS_ALIAS = AssetAlias(name="rapid_pipeline_models", group="rapid")
 CLIP_MODELS = _asset("rapid_models_ckclip", "models", "ckclip")
 SR_MODELS = _asset("rapid_models_esrgan", "models", "esrgan")
+VAE_MODELS = _asset("rapid_models_vae", "models", "vae")
 COMPILED_MODELS = _asset("rapid_models_compiled", "models", "compiled")
 REPORTS = _asset("rapid_reports", "reports")
 

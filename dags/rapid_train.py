@@ -1,15 +1,18 @@
-"""rapid_train: shards -> CKCLIP -> latent diffusion, ESRGAN in parallel -> assembled pipeline.
+"""rapid_train: shards -> CKCLIP + VAE -> latent diffusion, ESRGAN in parallel -> assembled pipeline.
 
 Scheduled on the shard asset (``$RAPID_HOME/shards``). One mapped task group per domain (the
 ``domain`` param, else the domains named by the triggering shard events, else ``RAPID_DOMAINS``)::
 
-    train_clip -> train_diffusion --\\
-    train_sr -----------------------+-> assemble  (emits models/pipeline/<domain>)
+    train_clip --\\
+    train_vae ----+-> train_diffusion --\\
+    train_sr ---------------------------+-> assemble  (emits models/pipeline/<domain>)
 
-* GPU stages (``train_clip``, ``train_diffusion``, ``train_sr``) run in pool ``gpu`` (one slot
-  each: ``airflow pools set gpu <number of GPUs> "..."``) and queue ``gpu`` (a Celery worker
+* GPU stages (``train_clip``, ``train_vae``, ``train_diffusion``, ``train_sr``) run in pool ``gpu``
+  (one slot each: ``airflow pools set gpu <number of GPUs> "..."``) and queue ``gpu`` (a Celery worker
   started with ``--queues gpu`` on the GPU machine), as a child process (``accelerate launch``
   when the worker sees several GPUs). A retry resumes from the stage's own checkpoints.
+* ``train_diffusion`` is given the exact CKCLIP and VAE folders this run trained (``--clip``,
+  ``--vae``): without a trained VAE its latents would be those of a random autoencoder.
 * ``assemble`` emits the per-domain model asset ``file://$RAPID_HOME/models/pipeline/<domain>``
   through the ``rapid_pipeline_models`` alias; its ``extra`` records the assembled run dir and the
   fingerprints of the shards, embeddings and configs the parts were trained on. ``rapid_evaluate``
@@ -31,7 +34,7 @@ from airflow.sdk import Param, dag, get_current_context, task, task_group
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # Airflow does not always put dags/ on sys.path
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as c  # noqa: E402
-from rapid_assets import CLIP_MODELS, MODELS_ALIAS, SHARDS, SR_MODELS, model_asset  # noqa: E402
+from rapid_assets import CLIP_MODELS, MODELS_ALIAS, SHARDS, SR_MODELS, VAE_MODELS, model_asset  # noqa: E402
 
 
 def _preset() -> str:
@@ -68,12 +71,21 @@ def train_clip(domain: str) -> dict:
     return _gpu_stage(["train", "clip", "--domain", domain, "--preset", _preset()], "ckclip", "ckclip")
 
 
+@task(outlets=[VAE_MODELS], **c.GPU_TASK)
+def train_vae(domain: str) -> dict:
+    """Train the KL autoencoder (``rapid train vae``) on the domain's shard images, so the diffusion
+    model gets a meaningful latent space. GPU, child process; independent of the text side."""
+    return _gpu_stage(["train", "vae", "--domain", domain, "--preset", _preset()], "vae", "vae")
+
+
 @task(**c.GPU_TASK)
-def train_diffusion(domain: str, clip: dict | None) -> dict:
-    """Fine-tune the latent-diffusion U-Net with the CKCLIP text tower from ``train_clip``
-    (``rapid train diffusion --clip DIR``). GPU, child process."""
+def train_diffusion(domain: str, clip: dict | None, vae: dict | None) -> dict:
+    """Fine-tune the latent-diffusion U-Net with the CKCLIP text tower from ``train_clip`` and the
+    frozen VAE from ``train_vae`` (``rapid train diffusion --clip DIR --vae DIR``). GPU, child process."""
     clip_dir = (clip or {}).get("run_dir") or c.latest_run_dir("ckclip", domain)
+    vae_dir = (vae or {}).get("run_dir")  # none: the stage's own --vae auto (newest *published* VAE)
     argv = ["train", "diffusion", "--domain", domain, "--preset", _preset()] + (["--clip", clip_dir] if clip_dir else [])
+    argv += ["--vae", vae_dir] if vae_dir else []
     return _gpu_stage(argv, "diffusion", "pipeline")  # it writes a (pre-SR) pipeline folder
 
 
@@ -85,13 +97,13 @@ def train_sr(domain: str) -> dict:
 
 
 @task(outlets=[MODELS_ALIAS])
-def assemble(domain: str, clip: dict | None, diffusion: dict | None, sr: dict | None) -> dict:
+def assemble(domain: str, clip: dict | None, vae: dict | None, diffusion: dict | None, sr: dict | None) -> dict:
     """Assemble CKCLIP + U-Net + VAE + ESRGAN + knowledge table into one diffusers folder
     (``rapid pipeline assemble``) and emit ``models/pipeline/<domain>`` with the run dir and the
     fingerprints of everything it was trained on in the event's ``extra``."""
     report = c.call_stage(["pipeline", "assemble", "--domain", domain, *_assemble_args(diffusion, sr)])
     built = trained(report, "assembled", "pipeline")
-    extra = model_extra(domain, built, [p for p in (clip, diffusion, sr) if p])
+    extra = model_extra(domain, built, [p for p in (clip, vae, diffusion, sr) if p])
     get_current_context()["outlet_events"][MODELS_ALIAS].add(model_asset(domain), extra=extra)
     return extra
 
@@ -118,9 +130,10 @@ def model_extra(domain: str, built: dict, parts: list[dict]) -> dict:
 def train_domain(domain: str):
     """Everything one domain needs, mapped per domain (indices stay aligned inside the group)."""
     clip = c.documented(train_clip)(domain)
-    diffusion = c.documented(train_diffusion)(domain, clip)
+    vae = c.documented(train_vae)(domain)
+    diffusion = c.documented(train_diffusion)(domain, clip, vae)
     sr = c.documented(train_sr)(domain)
-    c.documented(assemble)(domain, clip, diffusion, sr)
+    c.documented(assemble)(domain, clip, vae, diffusion, sr)
 
 
 @dag(

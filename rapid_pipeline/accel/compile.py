@@ -81,12 +81,10 @@ class Optimized:
 
 # ------------------------------------------------------------------------------------- setup
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here")
-    return dev
+    """``auto`` = CUDA when available, else CPU (the training stages' rule, so both pick the same device)."""
+    from ..train.common import pick_device
+
+    return pick_device(name)
 
 
 def validate(config: CompileConfig, dev: torch.device) -> None:

@@ -94,11 +94,24 @@ def refresh_views(home: Home, con: duckdb.DuckDBPyConnection | None = None) -> l
         con = con or stack.enter_context(connect(home, write=True))
         tables = known_tables()
         for table in tables:
-            con.execute(_view_sql(home, table))
+            _create_view(con, home, table)
         views = sql_dir() / "views.sql"
         if views.exists():
             con.execute(views.read_text(encoding="utf-8"))
         return tables
+
+
+def _create_view(con: duckdb.DuckDBPyConnection, home: Home, table: str, attempts: int = 5) -> None:
+    """Retried: a concurrent publish of another partition may delete a file the manifest we just read
+    listed (its old version); reading the manifests again gives the files that exist now."""
+    for attempt in range(attempts):
+        try:
+            con.execute(_view_sql(home, table))
+            return
+        except duckdb.IOException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 def query(home: Home, sql: str, params: list | None = None) -> pa.Table:

@@ -11,6 +11,12 @@ Invariants:
   header row are not data rows.
 * ``pos`` is the 1-based line number (TSV/CSV/N-Triples/JSONL) or the 1-based triple ordinal (Turtle,
   whose statements span lines).
+
+`tsv_layout` is the pre-scan that lets ``ingest kg`` hand a plain TSV file to DuckDB's own CSV reader
+instead (one whole line per row): it returns None, and the file goes through `read_tsv`, unless
+DuckDB would cut the file into exactly the lines `read_tsv` sees (``\\n`` newlines and no CR, no
+``\\x01`` — the delimiter that keeps each line whole —, no BOM, not compressed). Its line count lets
+the caller reconcile DuckDB's rows + rejects against the file.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator
 from urllib.parse import unquote
 
 import numpy as np
@@ -170,15 +176,109 @@ def looks_like_header(fields: list[str], mode: str) -> bool:
     return sum(bool(names & HEADER_ALIASES[r]) for r in ROLES) >= 2
 
 
+# ---------------------------------------------------------------- TSV pre-scan (DuckDB fast path)
+
+@dataclass(frozen=True)
+class TsvLayout:
+    cols: tuple[int, int, int]  # 0-based field index of head, relation, tail
+    width: int                  # fields every data line must have
+    header: bool                # line 1 is a header, not data
+    first_valid: bool           # line 1 is strict UTF-8 (else DuckDB rejects it and its row 1 is line 2)
+    lines: int                  # physical lines (a last line without newline counts)
+
+
+def _tsv_header(first: bytes, opts: ReadOptions) -> tuple[bool, tuple[int, int, int], int]:
+    """Header decision, column indices and width from the first line (shared by both TSV paths)."""
+    fields = first.rstrip(b"\r\n").decode("utf-8", errors="replace").split("\t")
+    header = looks_like_header(fields, opts.header)
+    cols = parse_columns(opts.columns, fields if header else None)
+    width = len(fields) if header else max(cols) + 1
+    if max(cols) >= width:
+        raise InputError(f"--columns {opts.columns!r} names column {max(cols)}, but the header has {width} columns")
+    return header, cols, width
+
+
+def _count_lines(f: IO[bytes], chunk_bytes: int) -> int | None:
+    """Physical lines, or None if a CR or \\x01 occurs: C-speed bytes scans, one chunk in memory.
+
+    Why refuse CR: DuckDB 2.0's reader (strict, ``new_line='\\n'``) stops on a CR in a line, and its
+    CRLF mode mis-splits lines; such files go to `read_tsv`, which strips CRs itself.
+    """
+    lines, last = 0, b"\n"
+    while block := f.read(chunk_bytes):
+        if b"\r" in block or b"\x01" in block:
+            return None
+        lines += block.count(b"\n")
+        last = block[-1:]
+    return lines + (last != b"\n")
+
+
+def tsv_layout(path: Path, opts: ReadOptions) -> TsvLayout | None:
+    """How DuckDB can read `path` as whole lines, or None when only `read_tsv` reads it exactly (see module doc)."""
+    if detect_format(path, opts.format) != "tsv" or path.suffix in (".gz", ".bz2"):
+        return None
+    with open(path, "rb") as f:
+        first = f.readline()
+        if first[:2] == b"\x1f\x8b" or first[:3] in (b"BZh", b"\xef\xbb\xbf") or not first:
+            return None
+        header, cols, width = _tsv_header(first, opts)
+        f.seek(0)
+        lines = _count_lines(f, opts.chunk_bytes)
+    return None if lines is None else TsvLayout(cols, width, header, is_utf8(first), lines)
+
+
+def is_utf8(line: bytes) -> bool:
+    """Strict UTF-8 (what DuckDB's reader accepts, byte for byte)."""
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def read_lines(f: IO[bytes], numbers: Iterable[int], chunk_bytes: int = 8 << 20) -> Iterator[tuple[int, bytes]]:
+    """(n, line without its newline) for sorted 1-based line `numbers`, in one pass of byte chunks.
+
+    Why not seek to DuckDB's ``line_byte_position``: it is 0- or 1-based depending on the line before.
+    """
+    want = iter(numbers)
+    n, first, pending = next(want, None), 1, b""  # `first`: file line number of the first line in `pending`
+    while n is not None:
+        block = f.read(chunk_bytes)
+        if not block and not pending:
+            return
+        data = pending + (block or b"\n")  # the last line may lack its newline
+        cut = data.rfind(b"\n") + 1
+        whole, pending = data[:cut], data[cut:]
+        count = whole.count(b"\n")
+        ends = np.flatnonzero(np.frombuffer(whole, np.uint8) == 10) if n < first + count else ()
+        while n is not None and n < first + len(ends):
+            k = n - first
+            yield n, whole[(ends[k - 1] + 1 if k else 0):ends[k]]
+            n = next(want, None)
+        first += count
+        if not block:
+            return
+
+
+def line_reject(pos: int, line: bytes | str) -> Reject:
+    """A line that is not text (NUL byte or invalid UTF-8), with the same reason and detail as `read_tsv`."""
+    if ("\x00" if isinstance(line, str) else b"\x00") in line:
+        return Reject(pos, "nul_byte", "NUL byte in line", _raw(line))
+    return Reject(pos, "invalid_utf8", "line is not valid UTF-8", _raw(line))
+
+
+def column_count_reject(pos: int, line: str, width: int) -> Reject:
+    fields = line.count("\t") + 1
+    return Reject(pos, "column_count", f"{fields} columns, expected {width}", _raw(line))
+
+
 # ---------------------------------------------------------------- TSV (vectorised)
 
 def read_tsv(f: IO[bytes], opts: ReadOptions) -> Iterator[RawBatch]:
     """Byte chunks cut at newlines; Arrow splits lines and fields, checks counts, picks columns."""
     first = f.readline()
-    fields = first.rstrip(b"\r\n").decode("utf-8", errors="replace").split("\t")
-    header = looks_like_header(fields, opts.header)
-    cols = parse_columns(opts.columns, fields if header else None)
-    width = len(fields) if header else max(cols) + 1
+    header, cols, width = _tsv_header(first, opts)
     consumed, pending = (1, b"") if header else (0, first)  # file lines before `pending`
     while True:
         block = f.read(opts.chunk_bytes)
@@ -213,7 +313,7 @@ def _tsv_chunk(data: bytes, base: int, cols: tuple[int, int, int], width: int) -
     keep = pc.greater(pc.utf8_length(lines), 0).to_numpy(zero_copy_only=False)  # blank lines are not rows
     good = keep & (fields == width)
     for k in np.flatnonzero(keep & ~good):
-        rejects.append(Reject(int(pos[k]), "column_count", f"{fields[k]} columns, expected {width}", _raw(lines[int(k)].as_py())))
+        rejects.append(column_count_reject(int(pos[k]), lines[int(k)].as_py(), width))
     parts = pc.split_pattern(lines.filter(pa.array(good)), "\t")
     h, r, t = (pc.cast(pc.list_element(parts, c), pa.string()) for c in cols)
     return RawBatch(h, r, t, pa.array(pos[good]), sorted(rejects, key=lambda x: x.pos))
@@ -228,8 +328,7 @@ def _bad_byte_lines(data: bytes, buf: np.ndarray, ends: np.ndarray, offsets: np.
     for offset in _invalid_utf8_offsets(data):
         bad[np.searchsorted(ends, offset)] = True
     for k in np.flatnonzero(bad):
-        reason, detail = ("nul_byte", "NUL byte in line") if nul[k] else ("invalid_utf8", "line is not valid UTF-8")
-        rejects.append(Reject(int(pos[k]), reason, detail, _raw(data[offsets[k]:ends[k]])))
+        rejects.append(line_reject(int(pos[k]), data[offsets[k]:ends[k]]))
     return bad
 
 

@@ -287,3 +287,12 @@ def iter_forever(make_iter, start_epoch: int = 0) -> Iterator[tuple[int, Any]]:
         if empty:
             raise ValueError("training data is empty")
         epoch += 1
+
+
+def add_run_arguments(parser, presets, domain_help: str, preset_help: str) -> None:
+    """The flags every training command shares: --domain, --preset, --resume, --force."""
+    parser.add_argument("--domain", default="demo", help=domain_help)
+    parser.add_argument("--preset", default="tiny", choices=sorted(presets), help=preset_help)
+    parser.add_argument("--resume", default="auto",
+                        help="auto: newest complete checkpoint of this run, none: start over, or a checkpoint path")
+    parser.add_argument("--force", action="store_true", help="ignore the step cache and train again")

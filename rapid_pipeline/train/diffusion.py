@@ -334,6 +334,7 @@ def build_models(config: DiffusionConfig, clip_dir: Path, vae_dir: Path | None =
         unet, vae = ldm.build_unet(config.model, context_dim=text_encoder.hidden_size), ldm.build_vae(config.model)
     if vae_dir is not None:
         vae = ldm.load_vae(vae_dir)
+        check_vae_fits(vae, unet, ldm.ldm_config(config.model).image_size, vae_dir)
     vae.requires_grad_(False).eval()
     text_encoder.requires_grad_(config.text_lr > 0)
     return unet, vae, text_encoder, tokenizer
@@ -350,6 +351,16 @@ def _accelerator(config: DiffusionConfig):
     # (tests, DAG tasks in one worker) must start a fresh one. The distributed state is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mp, cpu=device is not None and device.type == "cpu"), dtype
+
+
+def check_vae_fits(vae: torch.nn.Module, unet: torch.nn.Module, image_size: int, vae_dir: Path) -> None:
+    """A VAE of another preset fails here, with both shapes, not later inside a convolution."""
+    down = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent = (vae.config.latent_channels, image_size // down)
+    wanted = (unet.config.in_channels, unet.config.sample_size)
+    if latent != wanted:
+        raise ValueError(f"--vae {vae_dir}: its latents are {latent[0]} x {latent[1]}x{latent[1]} at {image_size} px, "
+                         f"the U-Net takes {wanted[0]} x {wanted[1]}x{wanted[1]}: train the VAE with the same --preset")
 
 
 def _optimizer(config: DiffusionConfig, unet: torch.nn.Module, text_encoder: torch.nn.Module):
@@ -812,12 +823,8 @@ def _log_final(home: Home, report: StageReport, domain: str, run_dir: Path, meta
 
 # ------------------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--domain", default="demo", help="domain whose shards (shards/<domain>/) are used")
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                        help="tiny (CPU tests, seconds), small, paper (Table 6 / appendix C)")
-    parser.add_argument("--resume", default="auto",
-                        help="auto: newest complete checkpoint of this run, none: start over, or a checkpoint path")
-    parser.add_argument("--force", action="store_true", help="ignore the step cache and train again")
+    common.add_run_arguments(parser, PRESETS, "domain whose shards (shards/<domain>/) are used",
+                             "tiny (CPU tests, seconds), small, paper (Table 6 / appendix C)")
     parser.add_argument("--out", default=None,
                         help="run folder to train in and publish to (default: models/pipeline/<domain>/ldm-<fingerprint>)")
     parser.add_argument("--print-params", action="store_true",

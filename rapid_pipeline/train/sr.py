@@ -407,12 +407,8 @@ def _metrics(t: Trainer, state: common.TrainState, before: dict, after: dict, hi
 
 # ------------------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--domain", default="demo", help="domain whose shards (shards/<domain>/) are used")
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                        help="tiny (CPU tests, seconds), small, paper (Table 6 / appendix C)")
-    parser.add_argument("--resume", default="auto",
-                        help="auto: newest complete checkpoint of this run, none: start over, or a checkpoint path")
-    parser.add_argument("--force", action="store_true", help="ignore the step cache and train again")
+    common.add_run_arguments(parser, PRESETS, "domain whose shards (shards/<domain>/) are used",
+                             "tiny (CPU tests, seconds), small, paper (Table 6 / appendix C)")
     parser.add_argument("--print-params", action="store_true",
                         help="print generator / discriminator parameter counts of the preset and exit")
     add_config_args(parser, SRConfig)

@@ -35,7 +35,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -97,38 +97,20 @@ def to_pixels(image, size: int) -> torch.Tensor:
 
 
 class ImageStream:
-    """Train images in a (seed + epoch)-shuffled order; ``position`` = {epoch, index} (samples consumed)."""
+    """Train images in the diffusion stage's sample order (one process's `SampleStream`) as [B, 3, H, W]
+    tensors; ``position`` = {epoch, index} (samples consumed), the same contract as diffusion's."""
 
     def __init__(self, shard_root: Path, seed: int, size: int, position: dict | None = None):
-        pos = position or {}
-        self.shard_root, self.seed, self.size = shard_root, seed, size
-        self.epoch, self.index = int(pos.get("epoch", 0)), int(pos.get("index", 0))
-        self._it = self._open()
+        from .diffusion import SampleStream
+
+        self.samples, self.size = SampleStream(shard_root, seed, position), size
 
     @property
     def position(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def _open(self) -> Iterator[dict]:
-        from ..data import loader
-
-        return loader.iter_samples(self.shard_root, "train", seed=self.seed + self.epoch, start=self.index)
-
-    def _next(self) -> dict:
-        for _ in range(2):
-            try:
-                item = next(self._it)
-                self.index += 1
-                return item
-            except StopIteration:
-                if self.index == 0:
-                    raise ValueError(f"no train samples under {self.shard_root}")
-                self.epoch, self.index = self.epoch + 1, 0
-                self._it = self._open()
-        raise ValueError(f"no train samples under {self.shard_root}")
+        return self.samples.position
 
     def next_batch(self, batch_size: int) -> torch.Tensor:
-        return torch.stack([to_pixels(self._next()["image"], self.size) for _ in range(batch_size)])
+        return torch.stack([to_pixels(s["image"], self.size) for s in self.samples.next_batch(batch_size)])
 
 
 def fixed_images(shard_root: Path, split: str, n: int, size: int) -> torch.Tensor | None:
@@ -347,12 +329,8 @@ def _finite(meta: dict) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--domain", default="demo", help="domain whose shard images (shards/<domain>/train) are used")
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                        help="tiny (CPU, well under a minute), small, paper (Table 6 KL-f8 autoencoder)")
-    parser.add_argument("--resume", default="auto",
-                        help="auto: newest complete checkpoint of this run, none: start over, or a checkpoint path")
-    parser.add_argument("--force", action="store_true", help="ignore the step cache and train again")
+    common.add_run_arguments(parser, PRESETS, "domain whose shard images (shards/<domain>/train) are used",
+                             "tiny (CPU, well under a minute), small, paper (Table 6 KL-f8 autoencoder)")
     parser.add_argument("--out", default=None,
                         help="run folder to train in and publish to (default: models/vae/<domain>/vae-<fingerprint>)")
     add_config_args(parser, VAEConfig)

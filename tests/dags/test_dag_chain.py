@@ -5,8 +5,8 @@ test_dag_scheduler.py's job), so the test runs each DAG itself and feeds the nex
 the asset event would carry.
 
 * `test_chain_wiring`: stages replaced by a recorder (fast): checks which commands each task runs,
-  with which arguments, and that run dirs flow clip -> diffusion -> assemble -> evaluate -> compile,
-  that a blocked gate skips compile, and that a failing GPU child fails its task.
+  with which arguments, and that run dirs flow clip + vae -> diffusion -> assemble -> evaluate -> compile,
+  that a blocked gate skips compile, and that a failing GPU child fails its task and its downstream.
 
     .venv/bin/python -m pytest tests/dags/test_dag_chain.py -q
 """
@@ -26,7 +26,8 @@ import _common
 HOME = os.environ["RAPID_HOME"]
 CALLS = []
 GATE = {"decision": "promoted"}
-OUT = {("train", "clip"): "models/ckclip/{d}/clip-1", ("train", "diffusion"): "models/pipeline/{d}/diff-1",
+OUT = {("train", "clip"): "models/ckclip/{d}/clip-1", ("train", "vae"): "models/vae/{d}/vae-1",
+       ("train", "diffusion"): "models/pipeline/{d}/diff-1",
        ("train", "sr"): "models/esrgan/{d}/sr-1", ("pipeline", "assemble"): "models/pipeline/{d}/asm-1",
        ("kg", "transe"): "models/transe/{d}/te-1", ("shard",): "shards/{d}", ("link",): "lake/links/domain={d}/part=all",
        ("compile",): "models/compiled/x"}
@@ -110,15 +111,31 @@ def test_train_passes_run_dirs_and_records_the_model_asset_extra(chain):
     assert all(c["gpu"] for c in calls if c["argv"][0] == "train")
     diff = [a for a in _argvs(calls, "train", "diffusion") if "demo" in a][0]
     assert diff[diff.index("--clip") + 1] == f"{home}/models/ckclip/demo/clip-1"  # clip -> diffusion, same domain
+    assert diff[diff.index("--vae") + 1] == f"{home}/models/vae/demo/vae-1"  # vae -> diffusion, same domain
+    vae = [a for a in _argvs(calls, "train", "vae") if "demo" in a]
+    assert vae == [["train", "vae", "--domain", "demo", "--preset", "small"]]
     asm = [a for a in _argvs(calls, "pipeline", "assemble") if "demo" in a][0]
     assert asm[asm.index("--pipeline") + 1] == f"{home}/models/pipeline/demo/diff-1"
     assert asm[asm.index("--sr") + 1] == f"{home}/models/esrgan/demo/sr-1"
     extra = res["train"]["assembled"]
     assert extra["run_dir"] == f"{home}/models/pipeline/demo/asm-1" and extra["domain"] == "demo"
-    assert set(extra["parts"]) == {"ckclip", "diffusion", "esrgan"}
+    assert set(extra["parts"]) == {"ckclip", "vae", "diffusion", "esrgan"}
+    assert extra["parts"]["vae"]["run_dir"] == f"{home}/models/vae/demo/vae-1"
     assert extra["trained_on"][f"file://{home}/shards/demo/manifest.json"] == "fp-shards"
     parents = {c["parent"] for c in calls if c["argv"][:2] == ["train", "clip"]}
     assert all(p.startswith("rapid_train/") and "train_domain.train_clip[" in p for p in parents), parents
+
+
+def test_vae_is_trained_before_diffusion_in_every_domain(chain):
+    res, _ = chain
+    train = [c["argv"] for c in res["calls"] if c["argv"][0] in ("train", "pipeline")]
+    for d in ("demo", "food"):
+        order = [a[1] for a in train if a[a.index("--domain") + 1] == d]
+        assert sorted(order) == ["assemble", "clip", "diffusion", "sr", "vae"], order  # each stage once
+        assert order.index("vae") < order.index("diffusion") and order.index("clip") < order.index("diffusion")
+        assert order.index("diffusion") < order.index("assemble") and order.index("sr") < order.index("assemble")
+    states = {t[0]: t[2] for t in res["train"]["tasks"] if t[1] == 0}
+    assert states["train_domain.train_vae"] == "success"
 
 
 def test_evaluate_gates_then_compiles_only_promoted_builds(chain):
@@ -138,6 +155,8 @@ def test_a_crashing_gpu_child_fails_its_task_not_the_run_silently(chain):
     failing = res["train_failing"]
     assert failing["state"] == "failed"
     assert any(t[0] == "train_domain.train_sr" and t[2] == "failed" for t in failing["tasks"])
+    assert any(t[0] == "train_domain.train_vae" and t[2] == "failed" for t in failing["tasks"])
+    assert any(t[0] == "train_domain.train_diffusion" and t[2] == "upstream_failed" for t in failing["tasks"])
     assert any(t[0] == "train_domain.assemble" and t[2] == "upstream_failed" for t in failing["tasks"])
 
 
@@ -195,7 +214,8 @@ def test_real_chain_on_the_demo_domain(tmp_path):
     home = (tmp_path / "rapid_home").resolve()
     assert model["run_dir"].startswith(f"{home}/models/pipeline/demo/")
     assert (tmp_path / "rapid_home" / "models" / "pipeline" / "demo" / model["run_dir"].rsplit("/", 1)[1] / "model_index.json").is_file()
-    assert set(model["parts"]) == {"ckclip", "diffusion", "esrgan"}
+    assert set(model["parts"]) == {"ckclip", "vae", "diffusion", "esrgan"}
+    assert model["parts"]["vae"]["run_dir"].startswith(f"{home}/models/vae/demo/vae-")
     assert any("/shards/demo" in uri for uri in model["trained_on"]), model["trained_on"]
     assert res["evaluate"]["gate"]["decision"] in {"promoted", "blocked"} and res["evaluate"]["gate"]["reason"]
     assert res["evaluate"]["gate"]["decision"] == "promoted"  # the first build has no production to lose to

@@ -12,7 +12,8 @@ pytest.importorskip("airflow")
 from _harness import airflow_env, run_airflow_script  # noqa: E402
 
 EXPECTED = {"rapid_ingest", "rapid_prepare", "rapid_train", "rapid_evaluate"}
-GPU_TASKS = {"rapid_train": {"train_domain.train_clip", "train_domain.train_diffusion", "train_domain.train_sr"},
+GPU_TASKS = {"rapid_train": {"train_domain.train_clip", "train_domain.train_vae", "train_domain.train_diffusion",
+                             "train_domain.train_sr"},
              "rapid_evaluate": {"evaluate_gate", "compile_build"}}
 
 BAG_SCRIPT = r'''

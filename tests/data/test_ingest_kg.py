@@ -187,3 +187,127 @@ def test_unknown_format_and_missing_file(home, tmp_path):
         _ingest(home, [tmp_path / "x.xyz"])
     with pytest.raises(FileNotFoundError):
         _ingest(home, [tmp_path / "missing.tsv"])
+
+
+# ---------------------------------------------------------------- DuckDB's TSV reader vs read_tsv
+
+EDGE_TSV = b"".join([
+    b"head\trelation\ttail\n",                    # 1 header
+    "北京\t首都\t中国\n".encode(),                  # 2
+    b"\n",                                         # 3 blank: not a row
+    b"\xff\xfe\tb\tc\n",                           # 4 invalid UTF-8
+    b"\xc3\x28\tb\tc\n",                           # 5 invalid UTF-8, right after another
+    "ＡＢＣ公司\t位于\t上\u200b海\n".encode(),         # 6 normalised
+    b"n\x00ul\tb\tc\n",                            # 7 NUL
+    b"\xff\x00\tb\tc\n",                           # 8 NUL and invalid UTF-8: nul_byte (as read_tsv says)
+    b"only\ttwo\n",                                # 9 too few columns
+    b"a\tb\tc\td\n",                               # 10 too many columns
+    b"x\t\ty\n",                                   # 11 empty relation
+    b"  \t \t \n",                                 # 12 names empty after cleaning
+    "北京\t首都\t中国\n".encode(),                  # 13 duplicate of line 2
+    "電腦\t类别\t  设备  \n".encode(),              # 14 traditional head, padded tail
+    b"x" * 300 + b"\tb\tc\n",                      # 15 too long
+    b"\n",                                         # 16 blank
+    "尾\t部\t行\n".encode(),                        # 17
+    b"\xfe",                                       # 18 invalid, no final newline
+])
+EDGE_REASONS = {4: "invalid_utf8", 5: "invalid_utf8", 7: "nul_byte", 8: "nul_byte", 9: "column_count", 10: "column_count",
+                11: "empty_field", 12: "empty_field", 15: "too_long", 18: "invalid_utf8"}
+
+
+def _random_tsv(n: int = 3000, seed: int = 7) -> bytes:
+    """Many rejected lines at random places: DuckDB's row numbers must map back to the right lines."""
+    import random
+
+    rnd = random.Random(seed)
+    bad = [b"\xff\tb\tc", b"only\ttwo", b"n\x00\tb\tc", b"", b"\xc3\x28", b"a\t\tb"]
+    lines = [rnd.choice(bad) if rnd.random() < 0.2 else f"实体{rnd.randrange(200)}\t关系{rnd.randrange(7)}\t实体{rnd.randrange(200)}".encode()
+             for _ in range(n)]
+    return b"\n".join(lines) + b"\n"
+
+
+def _fingerprints(home, domain="demo", partition="manual"):
+    side = f"ingest_kg-{partition}"
+    return {t: lake.partition_ref(home, t, domain, p).fingerprint
+            for t, p in (("kg_triples", partition), ("quarantine", side), ("kg_entities", "all"), ("kg_relations", "all"))}
+
+
+def _both_paths(tmp_path, monkeypatch, data: bytes, **cfg):
+    """Ingest the same file via DuckDB's reader and via read_tsv (two homes): (reports, fingerprints, homes)."""
+    from rapid_pipeline.core.home import Home
+    from rapid_pipeline.ingest import kg
+
+    path = tmp_path / "edge.tsv"
+    path.write_bytes(data)
+    homes = [Home.from_env(tmp_path / "duck"), Home.from_env(tmp_path / "py")]
+    duck = _ingest(homes[0], [path], **cfg)
+    with monkeypatch.context() as m:
+        m.setattr(kg, "tsv_layout", lambda *a: None)
+        py = _ingest(homes[1], [path], **cfg)
+    assert (duck.extra["files_read_by_duckdb"], py.extra["files_read_by_duckdb"]) == (1, 0)
+    return (duck, py), (_fingerprints(homes[0]), _fingerprints(homes[1])), homes
+
+
+@pytest.mark.parametrize("data,cfg", [(EDGE_TSV, {}), (_random_tsv(), {"header": "no"}),
+                                      (b"h\xff\tr\tt\nA\tB\tC\n\xff\n", {"header": "yes"})],  # an invalid header line
+                         ids=["edge", "random", "bad-header"])
+def test_duckdb_tsv_reader_matches_read_tsv(tmp_path, monkeypatch, data, cfg):
+    (duck, py), (fp_duck, fp_py), homes = _both_paths(tmp_path, monkeypatch, data, **cfg)
+    counts = lambda r: (r.rows_in, r.rows_out, r.rows_quarantined, r.rows_duplicate)
+    assert counts(duck) == counts(py) and duck.extra["reasons"] == py.extra["reasons"]
+    assert fp_duck == fp_py  # same rows, same bytes: kg_triples, quarantine, kg_entities, kg_relations
+    if data == EDGE_TSV:
+        assert {r["source_pos"]: r["reason"] for r in _rows(homes[0], "quarantine")} == EDGE_REASONS
+        assert [r["source_pos"] for r in _rows(homes[0], "kg_triples")] == [2, 6, 14, 17]
+        raw = {r["source_pos"]: r["raw"] for r in _rows(homes[0], "quarantine")}
+        assert raw[4].startswith("\\xff\\xfe") and raw[8] == "\\xff\\x00\tb\tc" and raw[18] == "\\xfe"
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64, 1 << 20])
+def test_read_lines_finds_lines_by_number_across_chunks(tmp_path, chunk):
+    from rapid_pipeline.ingest.kg_readers import read_lines
+
+    data = _random_tsv(300)[:-1]  # no final newline: the last line still counts
+    lines = data.split(b"\n")
+    numbers = [1, 2, 3, 50, 51, 52, 199, len(lines) - 1, len(lines)]
+    with open(tmp_path / "x.tsv", "wb") as f:
+        f.write(data)
+    with open(tmp_path / "x.tsv", "rb") as f:
+        assert list(read_lines(f, numbers, chunk)) == [(n, lines[n - 1]) for n in numbers]
+
+
+@pytest.mark.parametrize("data", [b"a\tb\tc\r\nd\te\tf\r\n", b"a\tb\tc\nx\x01y\tb\tc\n", b"\xef\xbb\xbfa\tb\tc\nd\te\tf\n"],
+                         ids=["crlf", "soh", "bom"])
+def test_files_duckdb_cannot_read_exactly_go_to_read_tsv(home, tmp_path, data):
+    path = tmp_path / "odd.tsv"
+    path.write_bytes(data)
+    report = _ingest(home, [path], header="no")
+    assert report.extra["files_read_by_duckdb"] == 0 and report.rows_out == 2 and report.rows_quarantined == 0
+
+
+def test_unreconciled_duckdb_read_falls_back_without_double_rows(tmp_path, monkeypatch):
+    """If DuckDB's rows + rejected lines do not add up to the file's lines, read_tsv reads the file instead."""
+    import dataclasses
+
+    from rapid_pipeline.core.home import Home
+    from rapid_pipeline.ingest import kg
+
+    path = tmp_path / "edge.tsv"
+    path.write_bytes(EDGE_TSV)
+    reference = _ingest(Home.from_env(tmp_path / "ref"), [path])
+    real = kg.tsv_layout
+    monkeypatch.setattr(kg, "tsv_layout", lambda *a: dataclasses.replace(real(*a), lines=real(*a).lines + 1))
+    home = Home.from_env(tmp_path / "fallback")
+    report = _ingest(home, [path])
+    assert report.extra["files_read_by_duckdb"] == 0
+    assert (report.rows_in, report.rows_out, report.rows_quarantined) == (reference.rows_in, reference.rows_out, reference.rows_quarantined)
+    assert _fingerprints(home) == _fingerprints(Home.from_env(tmp_path / "ref"))
+
+
+def test_entities_from_the_run_equal_entities_from_the_lake(home, tmp_path):
+    """A domain's only partition: entities come from the run's tables; with a second partition, from the lake."""
+    _ingest(home, [_tsv(tmp_path)], partition="p1")
+    first = _fingerprints(home, partition="p1")
+    _ingest(home, [_tsv(tmp_path, "only\ttwo\n", "rejects_only.tsv")], partition="p2")  # no triples: same entities
+    second = _fingerprints(home, partition="p1")
+    assert (first["kg_entities"], first["kg_relations"]) == (second["kg_entities"], second["kg_relations"])

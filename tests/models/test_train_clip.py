@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
-from rapid_pipeline.core.atomic import sha256_file
+import _shards
+from _shards import entity_sample, noisy_colour
 from rapid_pipeline.train import clip as tc
 from rapid_pipeline.train import common
 
@@ -22,48 +19,13 @@ ENTITIES = [("红富士苹果", (200, 30, 30)), ("香蕉", (230, 220, 40)), ("�
 TEMPLATES = ["一张{}的照片", "桌上放着{}", "新鲜的{}特写", "{}和盘子"]
 
 
-def _jpeg(rgb, rng) -> bytes:
-    arr = np.clip(np.array(rgb, np.float32) + rng.normal(0, 12, (48, 48, 3)), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
 def _sample(i: int, split: str, rng) -> dict:
-    k = i % len(ENTITIES)
-    name, rgb = ENTITIES[k]
-    caption = TEMPLATES[(i // len(ENTITIES)) % len(TEMPLATES)].format(name)
-    start = caption.index(name)
-    key = f"{split}{i:05d}"
-    ent = {"entity_id": f"e{k:015d}", "start": start, "end": start + len(name), "surface": name, "emb_row": k}
-    meta = {"pair_id": key, "domain": "demo", "split": split, "caption": caption, "caption_simplified": caption,
-            "entities": [ent]}
-    return {"__key__": key, "jpg": _jpeg(rgb, rng), "txt": caption.encode(), "json": json.dumps(meta, ensure_ascii=False).encode()}
+    name, rgb = ENTITIES[i % len(ENTITIES)]
+    return entity_sample(i, split, [n for n, _ in ENTITIES], TEMPLATES, noisy_colour(rgb, rng, 48, sd=12))
 
 
 def write_shards(home, domain="demo", sizes=(("train", 48), ("val", 16)), dim=8) -> None:
-    """Shards exactly per docs/CONTRACTS.md: <split>/000000.tar (.jpg/.txt/.json), manifest.json, embeddings."""
-    import webdataset as wds
-
-    root = home.shards / domain
-    rng = np.random.default_rng(0)
-    splits = {}
-    for split, n in sizes:
-        (root / split).mkdir(parents=True, exist_ok=True)
-        path = root / split / "000000.tar"
-        with wds.TarWriter(str(path)) as sink:
-            for i in range(n):
-                sink.write(_sample(i, split, rng))
-        splits[split] = {"shards": [{"path": f"{split}/000000.tar", "samples": n, "bytes": path.stat().st_size,
-                                     "sha256": "-"}], "samples": n}
-    vectors = np.random.default_rng(1).normal(size=(len(ENTITIES), dim)).astype(np.float32)
-    pq.write_table(pa.table({"entity_id": [f"e{k:015d}" for k in range(len(ENTITIES))],
-                             "row": pa.array(range(len(ENTITIES)), pa.int32()),
-                             "vector": pa.array(list(vectors), pa.list_(pa.float32()))}), root / "embeddings.parquet")
-    sha = sha256_file(root / "embeddings.parquet")  # the loader checks the file against the manifest
-    manifest = {"splits": splits, "embeddings": {"path": "embeddings.parquet", "fingerprint": sha, "dim": dim,
-                                                  "rows": len(ENTITIES)}, "image_size": 48, "seed": 0}
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    _shards.write_shards(home, _sample, sizes, domain, n_entities=len(ENTITIES), dim=dim, image_size=48)
 
 
 def _run_steps(tr, n):

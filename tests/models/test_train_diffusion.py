@@ -4,19 +4,17 @@ working pipeline; `rapid pipeline assemble` and `rapid generate` on top of it.""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
+import _shards
+from _shards import entity_sample, noisy_colour
 from rapid_pipeline.cli import invoke
-from rapid_pipeline.core.atomic import sha256_file
 from rapid_pipeline.train import diffusion as td
 
 ENTITIES = [("红烧肉", (150, 60, 40)), ("青菜", (60, 170, 70)), ("豆腐", (235, 230, 210)), ("蓝莓", (40, 50, 150))]
@@ -24,50 +22,14 @@ TEMPLATES = ["一张{}的照片", "桌上放着{}", "新鲜的{}"]
 DIM = 8
 
 
-def _jpeg(rgb, rng, size=40) -> bytes:
-    arr = np.clip(np.array(rgb, np.float32) + rng.normal(0, 10, (size, size, 3)), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
 def _sample(i: int, split: str, rng) -> dict:
-    k = i % len(ENTITIES)
-    name, rgb = ENTITIES[k]
-    caption = TEMPLATES[(i // len(ENTITIES)) % len(TEMPLATES)].format(name)
-    start = caption.index(name)
-    key = f"{split}{i:05d}"
-    ent = {"entity_id": f"e{k:015d}", "start": start, "end": start + len(name), "surface": name, "emb_row": k}
-    meta = {"pair_id": key, "domain": "demo", "split": split, "caption": caption, "caption_simplified": caption,
-            "entities": [ent]}
-    return {"__key__": key, "jpg": _jpeg(rgb, rng), "txt": caption.encode(),
-            "json": json.dumps(meta, ensure_ascii=False).encode()}
+    name, rgb = ENTITIES[i % len(ENTITIES)]
+    return entity_sample(i, split, [n for n, _ in ENTITIES], TEMPLATES, noisy_colour(rgb, rng, 40))
 
 
 def write_shards(home, domain="demo", n_train=12, n_val=4) -> Path:
-    """Shards per docs/CONTRACTS.md: <split>/000000.tar (.jpg/.txt/.json) + manifest.json + embeddings."""
-    import webdataset as wds
-
-    root = home.shards / domain
-    rng = np.random.default_rng(0)
-    splits = {}
-    for split, n in (("train", n_train), ("val", n_val)):
-        (root / split).mkdir(parents=True, exist_ok=True)
-        path = root / split / "000000.tar"
-        with wds.TarWriter(str(path)) as sink:
-            for i in range(n):
-                sink.write(_sample(i, split, rng))
-        splits[split] = {"shards": [{"path": f"{split}/000000.tar", "samples": n, "bytes": path.stat().st_size,
-                                     "sha256": sha256_file(path)}], "samples": n}
-    vectors = np.random.default_rng(1).normal(size=(len(ENTITIES), DIM)).astype(np.float32)
-    pq.write_table(pa.table({"entity_id": [f"e{k:015d}" for k in range(len(ENTITIES))],
-                             "row": pa.array(range(len(ENTITIES)), pa.int32()),
-                             "vector": pa.array(list(vectors), pa.list_(pa.float32()))}), root / "embeddings.parquet")
-    emb_sha = sha256_file(root / "embeddings.parquet")
-    manifest = {"splits": splits, "embeddings": {"path": "embeddings.parquet", "fingerprint": emb_sha, "dim": DIM,
-                                                  "rows": len(ENTITIES)}, "image_size": 40, "seed": 0}
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
+    return _shards.write_shards(home, _sample, (("train", n_train), ("val", n_val)), domain,
+                                n_entities=len(ENTITIES), dim=DIM, image_size=40)
 
 
 def write_ckclip(home, domain="demo") -> Path:

@@ -11,8 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+import _shards
 from rapid_pipeline.cli import invoke
 from rapid_pipeline.models.esrgan import load_generator
+
+SIZE = 48
 
 
 def _image(rng: np.random.Generator, size: int) -> bytes:
@@ -28,27 +31,15 @@ def _image(rng: np.random.Generator, size: int) -> bytes:
     return buf.getvalue()
 
 
-def write_shards(home, domain: str = "demo", n_train: int = 12, n_val: int = 4, size: int = 48) -> Path:
-    """A shard set in the docs/CONTRACTS.md layout (webdataset tars + manifest.json)."""
-    import webdataset as wds
+def _sample(i: int, split: str, rng) -> dict:
+    key = f"{split}{i:04d}"
+    meta = {"pair_id": key, "domain": "demo", "split": split, "caption": "图", "caption_simplified": "图", "entities": []}
+    return {"__key__": key, "jpg": _image(rng, SIZE), "txt": "图", "json": json.dumps(meta)}
 
-    rng = np.random.default_rng(0)
-    root = home.shards / domain
-    splits = {}
-    for split, n in (("train", n_train), ("val", n_val)):
-        (root / split).mkdir(parents=True, exist_ok=True)
-        path = root / split / "000000.tar"
-        with wds.TarWriter(str(path)) as sink:
-            for i in range(n):
-                key = f"{split}{i:04d}"
-                meta = {"pair_id": key, "domain": domain, "split": split, "caption": "图", "caption_simplified": "图",
-                        "entities": []}
-                sink.write({"__key__": key, "jpg": _image(rng, size), "txt": "图", "json": json.dumps(meta)})
-        splits[split] = {"shards": [{"path": f"{split}/000000.tar", "samples": n, "bytes": path.stat().st_size,
-                                     "sha256": ""}], "samples": n}
-    manifest = {"splits": splits, "embeddings": None, "image_size": size, "seed": 0}
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
+
+def write_shards(home, domain: str = "demo", n_train: int = 12, n_val: int = 4) -> Path:
+    """A shard set without entities (ESRGAN reads only the images)."""
+    return _shards.write_shards(home, _sample, (("train", n_train), ("val", n_val)), domain, image_size=SIZE)
 
 
 def _train(home, *extra: str) -> dict:

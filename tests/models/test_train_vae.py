@@ -8,19 +8,16 @@ the same next-step loss as an uninterrupted run, and `rapid train diffusion --va
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
+import _shards
+from _shards import entity_sample, jpeg
 from rapid_pipeline.cli import invoke
-from rapid_pipeline.core.atomic import sha256_file
 from rapid_pipeline.core.home import Home
 from rapid_pipeline.core.warehouse import connect
 
@@ -37,48 +34,16 @@ def _jpeg(rng: np.random.Generator, size: int = 40) -> bytes:
     for _ in range(3):
         fx, fy, ph = rng.uniform(0.5, 2.5, 3)
         chans.append(0.5 + 0.4 * np.sin(2 * np.pi * (fx * xx + fy * yy) + ph * 6))
-    buf = io.BytesIO()
-    Image.fromarray((np.stack(chans, -1) * 255).astype(np.uint8)).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
+    return jpeg(np.stack(chans, -1) * 255, quality=95)
 
 
 def _sample(i: int, split: str, rng: np.random.Generator) -> dict:
-    k = i % len(ENTITIES)
-    name = ENTITIES[k]
-    caption = TEMPLATES[(i // len(ENTITIES)) % len(TEMPLATES)].format(name)
-    start = caption.index(name)
-    key = f"{split}{i:05d}"
-    ent = {"entity_id": f"e{k:015d}", "start": start, "end": start + len(name), "surface": name, "emb_row": k}
-    meta = {"pair_id": key, "domain": "demo", "split": split, "caption": caption, "caption_simplified": caption,
-            "entities": [ent]}
-    return {"__key__": key, "jpg": _jpeg(rng), "txt": caption.encode(),
-            "json": json.dumps(meta, ensure_ascii=False).encode()}
+    return entity_sample(i, split, ENTITIES, TEMPLATES, _jpeg(rng))
 
 
 def write_shards(home: Home, domain: str = "demo", n_train: int = 16, n_val: int = 8) -> Path:
-    """Shards per docs/CONTRACTS.md: <split>/000000.tar (.jpg/.txt/.json) + manifest.json + embeddings."""
-    import webdataset as wds
-
-    root = home.shards / domain
-    rng = np.random.default_rng(0)
-    splits = {}
-    for split, n in (("train", n_train), ("val", n_val)):
-        (root / split).mkdir(parents=True, exist_ok=True)
-        path = root / split / "000000.tar"
-        with wds.TarWriter(str(path)) as sink:
-            for i in range(n):
-                sink.write(_sample(i, split, rng))
-        splits[split] = {"shards": [{"path": f"{split}/000000.tar", "samples": n, "bytes": path.stat().st_size,
-                                     "sha256": sha256_file(path)}], "samples": n}
-    vectors = np.random.default_rng(1).normal(size=(len(ENTITIES), DIM)).astype(np.float32)
-    pq.write_table(pa.table({"entity_id": [f"e{k:015d}" for k in range(len(ENTITIES))],
-                             "row": pa.array(range(len(ENTITIES)), pa.int32()),
-                             "vector": pa.array(list(vectors), pa.list_(pa.float32()))}), root / "embeddings.parquet")
-    manifest = {"splits": splits, "embeddings": {"path": "embeddings.parquet", "dim": DIM, "rows": len(ENTITIES),
-                                                  "fingerprint": sha256_file(root / "embeddings.parquet")},
-                "image_size": 40, "seed": 0}
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
+    return _shards.write_shards(home, _sample, (("train", n_train), ("val", n_val)), domain,
+                                n_entities=len(ENTITIES), dim=DIM, image_size=40)
 
 
 def write_ckclip(home: Home, domain: str = "demo") -> Path:
@@ -203,3 +168,15 @@ def test_bad_vae_dir_and_bad_config_are_clear_errors(trained, tmp_path):
         train_vae(Home.from_env(tmp_path / "empty"))
     with pytest.raises(ValueError, match="checkpoint_every"):
         train_vae(home, "--checkpoint-every", "0")
+
+
+def test_a_vae_of_another_preset_is_refused_before_training(trained, tmp_path):
+    import dataclasses
+
+    from rapid_pipeline.models import ldm
+
+    home, _ = trained
+    other = dataclasses.replace(ldm.ldm_config("tiny"), vae_channel_mult=(1, 2, 2))  # f4 latents, tiny U-Net wants f2
+    ldm.build_vae(other).save_pretrained(tmp_path / "f4-vae")
+    with pytest.raises(ValueError, match="same --preset"):
+        train_diffusion(home, "--vae", str(tmp_path / "f4-vae"))
