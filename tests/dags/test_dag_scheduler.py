@@ -108,7 +108,11 @@ class Cluster:
         return "\n".join(f"--- {f.name}\n" + f.read_text(errors="replace")[-1500:] for f in sorted(self.logs.iterdir()))
 
     def get(self, path: str, **params) -> dict:
-        r = self.client.get(path, params=params)
+        for _ in range(10):  # SQLite: a read can hit "database is locked" (5xx) while the scheduler writes
+            r = self.client.get(path, params=params)
+            if r.status_code < 500:
+                break
+            time.sleep(1)
         r.raise_for_status()
         return r.json()
 
@@ -138,8 +142,8 @@ def test_a_model_asset_event_starts_rapid_evaluate(cluster):
     asset_id = cluster.wait_for(f"asset {uri}", lambda: cluster.asset_id(uri))
     assert cluster.asset_runs("rapid_evaluate") == []
     extra = {"domain": "demo", "domains": ["demo"], "run_dir": f"{cluster.home}/models/pipeline/demo/run-under-test"}
-    r = cluster.client.post("/assets/events", json={"asset_id": asset_id, "extra": extra})
-    assert r.status_code == 200, r.text
+    cluster.wait_for("the asset event to be accepted",
+                     lambda: _accepted(cluster.client.post("/assets/events", json={"asset_id": asset_id, "extra": extra})))
     runs = cluster.wait_for("an asset-triggered rapid_evaluate run", lambda: cluster.asset_runs("rapid_evaluate"))
     assert len(runs) == 1
     run_id = quote(runs[0]["dag_run_id"], safe="")
@@ -168,11 +172,19 @@ def _lake_pairs(home: Path) -> dict[str, list[str]]:
             for part in lake.partitions(h, "pairs", "demo")}
 
 
+def _accepted(r: httpx.Response) -> httpx.Response | None:
+    """The response, or None to ask again when SQLite was locked (the api-server answers 5xx then)."""
+    if r.status_code >= 500 and "locked" in r.text.lower():
+        return None
+    assert r.status_code == 200, r.text
+    return r
+
+
 def _backfill(cluster, reprocess: str) -> list[dict]:
     body = {"dag_id": "rapid_ingest", "from_date": "2025-01-01T00:00:00Z", "to_date": "2025-01-03T00:00:00Z",
             "reprocess_behavior": reprocess, "max_active_runs": 2}
-    r = cluster.client.post("/backfills", json=body)
-    assert r.status_code == 200, r.text
+    # On SQLite the api-server answers 503 "Database is locked" while the scheduler writes: ask again.
+    r = cluster.wait_for("the backfill to be accepted", lambda: _accepted(cluster.client.post("/backfills", json=body)), every=2)
     backfill_id = r.json()["id"]
     cluster.wait_for(f"backfill {backfill_id} to complete",
                      lambda: cluster.get(f"/backfills/{backfill_id}").get("completed_at"), every=2)
@@ -188,7 +200,8 @@ def test_a_real_backfill_reingests_exactly_those_days_without_duplicates(cluster
     landing = cluster.home / "landing" / "demo"
     invoke(["demo-data", "--out", str(landing), "--start", "2025-01-01", "--days", "2", "--pairs", "8"], home=cluster.home)
     # Only rapid_ingest is under test: keep its asset events from starting prepare/train on 2 cores.
-    cluster.client.patch("/dags/rapid_prepare", json={"is_paused": True}).raise_for_status()
+    cluster.wait_for("rapid_prepare to pause",
+                     lambda: _accepted(cluster.client.patch("/dags/rapid_prepare", json={"is_paused": True})))
     runs = _backfill(cluster, "none")
     assert [(x["logical_date"][:10], x["state"]) for x in runs] == [
         ("2025-01-01", "success"), ("2025-01-02", "success"), ("2025-01-03", "success")], runs
