@@ -173,8 +173,9 @@ def _lake_pairs(home: Path) -> dict[str, list[str]]:
 
 
 def _accepted(r: httpx.Response) -> httpx.Response | None:
-    """The response, or None to ask again when SQLite was locked (the api-server answers 5xx then)."""
-    if r.status_code >= 500 and "locked" in r.text.lower():
+    """The response, or None to ask again on a 5xx: under concurrent scheduler writes SQLite answers
+    "database is locked", which the api-server reports as 503 or as a hidden 500 "Database error"."""
+    if r.status_code >= 500:
         return None
     assert r.status_code == 200, r.text
     return r
