@@ -101,7 +101,7 @@ def name_form(name: str) -> str:
 class _Index:
     """Per automaton value v: key length, chosen entity (code into `entity_ids`) and flags.
 
-    Numpy columns instead of Python objects per key: ~10 bytes a key instead of ~200.
+    Numpy columns instead of Python objects per key (bench/linking.py reports the retained MB per million names).
     """
 
     key_len: np.ndarray  # int16
@@ -143,7 +143,7 @@ class Linker:
         if not len(self.index) or not text:
             return []
         form, index = match_form(text)
-        key_len = self._key_len  # array.array: scalar reads ~5x cheaper than numpy's
+        key_len = self._key_len  # array.array: scalar reads avoid numpy scalar boxing
         spans = _leftmost_longest([(end - key_len[v] + 1, end + 1, v) for end, v in self.automaton.iter(form)])
         return [self._mention(text, form, index, s, e, v) for s, e, v in spans]
 

@@ -34,11 +34,16 @@ MANIFEST = "manifest.json"
 SHUFFLE_BUFFER = 1000
 
 
-def read_manifest(shard_root: str | os.PathLike) -> dict:
+def manifest_path(shard_root: str | os.PathLike) -> Path:
+    """``<shard_root>/manifest.json``, which must exist: a stage fails here, before any training."""
     path = Path(shard_root) / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"no shards at {shard_root} (missing {MANIFEST}): run `rapid shard --domain ...` first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return path
+
+
+def read_manifest(shard_root: str | os.PathLike) -> dict:
+    return json.loads(manifest_path(shard_root).read_text(encoding="utf-8"))
 
 
 def shard_entries(manifest: dict, split: str) -> list[dict]:

