@@ -25,9 +25,14 @@ How, in one DuckDB session (``--duckdb-memory``, spilling to a scratch folder):
    in Python (``changed``), giving ``canon`` (one row per normalised name, with its id hash) and
    ``nmap`` (raw name -> canon number).
 3. Dedupe: one GROUP BY on integer name numbers keeps the first occurrence of each triple
-   (sql/ingest_kg_firsts.sql). The result streams out sorted by ``ord`` — four integers — and names
-   come from an Arrow copy of ``canon``; with more than ``--name-cache`` names DuckDB joins and sorts
-   the wide rows itself instead (sql/ingest_kg_dedupe.sql).
+   (sql/ingest_kg_firsts.sql, which also maps DuckDB row numbers to file lines with an ASOF join on
+   the rejected-line gaps, and sorts the four integers by input position). The names are looked up
+   by position in an Arrow copy of ``canon`` as DuckDB streams ``firsts`` (order kept; with more than
+   ``--name-cache`` names DuckDB joins and re-sorts instead) and DuckDB writes the partition with its
+   own parallel Parquet writer
+   (sql/ingest_kg_triples.sql through `core.lake.publish_query`, which checks the file against
+   ``schemas/kg_triples.json`` before the manifest swap); quarantine and the entity tables are
+   written the same way.
 4. Entities and relations are rebuilt from every current partition of the domain, under a
    per-domain lock: from the lake (sql/ingest_kg_entities.sql), or, when the partition just written
    is the domain's only one, from this session's ``firsts`` and ``canon`` (sql/ingest_kg_*_run.sql,
@@ -36,8 +41,8 @@ How, in one DuckDB session (``--duckdb-memory``, spilling to a scratch folder):
 Invariants:
 * Bounded memory: rows are staged in DuckDB (it spills), never held in Python beyond one batch;
   Python holds at most ``--name-cache`` distinct names (the normalisation batch and the ``canon``
-  copy), one 1M-row output file, and per DuckDB-read file a list of its rejected line numbers
-  (at most 2^20: a file with more rejected lines is read by `read_tsv` instead).
+  copy), one output row group, and per DuckDB-read file a list of its rejected line numbers (at most
+  2^20: a file with more rejected lines is read by `read_tsv` instead).
 * Every name goes through `core.text.normalize` (or is proven a fixed point of it: ASCII
   letters/digits/_ and CJK ideographs OpenCC leaves alone); ids are ``e``/``r`` +
   sha256(domain \\0 name)[:15].
@@ -47,7 +52,7 @@ Invariants:
   is trusted only if its rows + rejected lines equal the file's lines, and every line DuckDB rejected
   must be invalid UTF-8 in the file's bytes (else the run fails rather than misnumber rows).
 * Re-ingesting a partition replaces it (idempotent, atomic publish); same inputs give byte-identical
-  files (rows are ordered by input position, files cut at fixed row counts).
+  files (rows are ordered by input position; one file per table partition, fixed writer options).
 """
 
 from __future__ import annotations
@@ -84,7 +89,6 @@ from .kg_readers import (RawBatch, ReadOptions, Reject, TsvLayout, column_count_
 
 STAGE = "ingest_kg"
 ALIASES = ("别名", "又称", "中文名", "英文名", "简称", "外文名")
-OUT_ROWS = 100_000  # fixed batch size into publish_table, so file boundaries (and bytes) are reproducible
 ORD_BITS = 40  # ord = file index << 40 | line (or DuckDB row number): input order as one int64
 ROW_MASK = (1 << ORD_BITS) - 1
 MAX_REJECTED_LINES = 1 << 20  # per DuckDB-read file (its line map is a NumPy array); beyond, read_tsv reads it
@@ -101,7 +105,8 @@ class KGIngestConfig:
     to_simplified: bool = opt(True, "fill *_simplified columns with OpenCC traditional->simplified (off: a copy of the name)")
     max_name_chars: int = opt(256, "names longer than this (code points, before cleaning) are quarantined as too_long")
     batch_rows: int = opt(100_000, "rows per read batch (bounds memory of the Python side)")
-    name_cache: int = opt(1_000_000, "distinct names held in Python at once (normalisation batch; name lookup for the output)")
+    name_cache: int = opt(1_000_000, "distinct names handed to Python at once for normalisation; up to this many, the "
+                                     "output looks names up by position instead of joining and re-sorting")
     duckdb_memory: str = opt("1GB", "DuckDB memory limit for staging / dedupe / entity rebuild (it spills to disk beyond)")
     duckdb_threads: int = opt(2, "DuckDB threads")
 
@@ -183,6 +188,17 @@ class LineMap:
         if len(rejected_lines):
             self.gaps[file_idx] = rejected_lines.astype(np.int64) - np.arange(1, len(rejected_lines) + 1)
 
+    def table(self) -> pa.Table:
+        """(file, gap, k) for the ASOF join of sql/ingest_kg_triples.sql: per distinct gap of a file, k = the
+        number of its gaps <= that gap (the lines skipped before any row above it)."""
+        parts = [self._file_table(file_idx, gaps) for file_idx, gaps in self.gaps.items()]
+        return pa.concat_tables(parts) if parts else self._file_table(0, np.zeros(0, np.int64))
+
+    @staticmethod
+    def _file_table(file_idx: int, gaps: np.ndarray) -> pa.Table:
+        last = np.flatnonzero(np.append(gaps[1:] != gaps[:-1], True)) if len(gaps) else np.zeros(0, np.int64)
+        return pa.table({"file": np.full(len(last), file_idx, np.int64), "gap": gaps[last], "k": (last + 1).astype(np.int64)})
+
     def lines(self, ords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         files, rows = ords >> ORD_BITS, ords & ROW_MASK
         for file_idx, gaps in self.gaps.items():
@@ -208,11 +224,10 @@ class Stager:
         self.rejects = pq.ParquetWriter(self.rejects_path, table_schema("quarantine"), compression="lz4")
         self.reasons: dict[str, Counter] = {s: Counter() for s in sources}
         self.staged_by_file: Counter = Counter()
-        self.kept_by_file: Counter = Counter()
+        self.kept_by_file: Counter = Counter()  # filled from `firsts` once the triples are published
         self.counts = Counts()
         self.lines = LineMap()
         self.duckdb_files = 0
-        self._constants: dict[str, pa.Array] = {}
 
     def stage(self, config: KGIngestConfig, paths: Sequence[Path]) -> None:
         with bar("ingest kg", unit="rows") as progress:
@@ -307,30 +322,6 @@ class Stager:
             self.add_rejects([line_reject(p, raw) if bad == "nul_byte" else column_count_reject(p, raw, width)
                               for p, bad, raw in rows], file_idx)
 
-    # ------------------------------------------------ output rows
-
-    def finish_triples(self, batch: pa.Table) -> pa.Table:
-        """Add domain, partition, source_file and source_pos (from ord) to a batch of kg_triples rows."""
-        files, lines = self.lines.lines(batch.column("ord").to_numpy())
-        self.kept_by_file.update(dict(enumerate(np.bincount(files, minlength=len(self.sources)).tolist())))
-        n = batch.num_rows
-        source = self._constant(self.sources[0], n) if len(self.sources) == 1 else self._source_arr.take(pa.array(files))
-        return (batch.drop_columns(["ord"]).append_column("domain", self._constant(self.domain, n))
-                .append_column("partition", self._constant(self.partition, n))
-                .append_column("source_file", source).append_column("source_pos", pa.array(lines, pa.int64())))
-
-    @functools.cached_property
-    def _source_arr(self) -> pa.Array:
-        return pa.array(self.sources, pa.string())
-
-    def _constant(self, value: str, n: int) -> pa.Array:
-        # Why slices of one array: fresh Arrow allocations are a visible share of the output cost here.
-        if n > OUT_ROWS:
-            return pa.repeat(value, n)
-        if value not in self._constants:
-            self._constants[value] = pa.repeat(value, OUT_ROWS)
-        return self._constants[value].slice(0, n)
-
     def close(self) -> None:
         self.rejects.close()
 
@@ -371,34 +362,47 @@ def duck(config: KGIngestConfig, scratch: Path) -> Iterator[duckdb.DuckDBPyConne
         con.close()
 
 
-def fixed_batches(reader: pa.RecordBatchReader, rows: int = OUT_ROWS) -> Iterator[pa.Table]:
-    """Re-chunk a record batch stream into tables of exactly `rows` rows (the last one shorter)."""
-    pending: list[pa.RecordBatch] = []
-    have = 0
-    for rb in reader:
-        pending.append(rb)
-        have += rb.num_rows
-        while have >= rows:
-            table = pa.Table.from_batches(pending)
-            yield table.slice(0, rows)
-            rest = table.slice(rows)
-            pending, have = rest.to_batches(), rest.num_rows
-    if have:
-        yield pa.Table.from_batches(pending, schema=reader.schema)
+def dedupe(con, stager: Stager) -> None:
+    """Table `firsts`: each normalised triple's first occurrence, with its file line (sql/ingest_kg_firsts.sql)."""
+    line_gaps = stager.lines.table()  # noqa: F841 (read by DuckDB)
+    con.execute("CREATE TABLE line_gaps AS SELECT * FROM line_gaps")
+    con.execute(f"CREATE TABLE firsts AS {_sql('ingest_kg_firsts.sql')}")
+    stager.kept_by_file.update(dict(con.execute(_sql("ingest_kg_kept.sql")).fetchall()))
 
 
-def publish_query(home: Home, con, sql_name: str, params: dict, table: str, domain: str, partition: str) -> DatasetRef:
-    reader = con.sql(_sql(sql_name), params=params).to_arrow_reader(OUT_ROWS)
-    return lake.publish_table(home, table, domain, partition, fixed_batches(reader), stage=STAGE)
+def publish_triples(home: Home, con, config: KGIngestConfig, stager: Stager) -> DatasetRef:
+    """kg_triples of this partition, written by DuckDB in input order (see the module doc, step 3)."""
+    params = {"domain": stager.domain, "partition": stager.partition, "sources": stager.sources}
+    if con.execute("SELECT count(*) FROM canon").fetchall()[0][0] > config.name_cache:
+        return lake.publish_query(home, con, _sql("ingest_kg_triples_join.sql"), params, "kg_triples",
+                                  stager.domain, stager.partition, stage=STAGE)
+    con.register("triple_rows", triple_rows(con))
+    try:
+        return lake.publish_query(home, con, _sql("ingest_kg_triples.sql"), params, "kg_triples", stager.domain,
+                                  stager.partition, stage=STAGE)
+    finally:
+        con.unregister("triple_rows")
 
 
-def _canon_lookup(canon: dict[str, pa.Array], batch: pa.Table) -> pa.Table:
+def triple_rows(con) -> pa.RecordBatchReader:
+    """`firsts` in order with ids, names and simplified names taken by position from the canon arrays."""
+    canon = _name_arrays(con)
+    firsts = con.cursor().sql("SELECT ord, hn, rn, tn FROM firsts").to_arrow_reader(lake.ROW_GROUP_ROWS)
+    batches = (_canon_lookup(canon, b) for b in firsts)
+    return pa.RecordBatchReader.from_batches(TRIPLE_ROWS, batches)
+
+
+TRIPLE_ROWS = pa.schema([("ord", pa.int64())] + [(c, pa.string()) for c in (
+    "head_id", "relation_id", "tail_id", "head", "relation", "tail", "head_simplified", "tail_simplified")])
+
+
+def _canon_lookup(canon: dict[str, pa.Array], batch: pa.RecordBatch) -> pa.RecordBatch:
     """(ord, hn, rn, tn) -> (ord, ids, names, simplified names), by position in the `canon` arrays."""
     hn, rn, tn = (batch.column(c) for c in ("hn", "rn", "tn"))
-    return pa.table({"ord": batch.column("ord"), "head_id": pc.take(canon["eid"], hn), "relation_id": pc.take(canon["rid"], rn),
-                     "tail_id": pc.take(canon["eid"], tn), "head": pc.take(canon["name"], hn),
-                     "relation": pc.take(canon["name"], rn), "tail": pc.take(canon["name"], tn),
-                     "head_simplified": pc.take(canon["simplified"], hn), "tail_simplified": pc.take(canon["simplified"], tn)})
+    cols = [batch.column("ord"), pc.take(canon["eid"], hn), pc.take(canon["rid"], rn), pc.take(canon["eid"], tn),
+            pc.take(canon["name"], hn), pc.take(canon["name"], rn), pc.take(canon["name"], tn),
+            pc.take(canon["simplified"], hn), pc.take(canon["simplified"], tn)]
+    return pa.RecordBatch.from_arrays(cols, schema=TRIPLE_ROWS)
 
 
 def _name_arrays(con) -> dict[str, pa.Array]:
@@ -406,29 +410,11 @@ def _name_arrays(con) -> dict[str, pa.Array]:
     return {name: table.column(name).combine_chunks() for name in table.column_names}
 
 
-def triple_batches(con, config: KGIngestConfig, stager: Stager) -> Iterator[pa.Table]:
-    """kg_triples rows in input order, OUT_ROWS at a time (see the module doc, step 3)."""
-    con.execute(f"CREATE TABLE firsts AS {_sql('ingest_kg_firsts.sql')}")
-    if con.execute("SELECT count(*) FROM canon").fetchall()[0][0] <= config.name_cache:
-        lookup = functools.partial(_canon_lookup, _name_arrays(con))
-        reader = con.sql("SELECT ord, hn, rn, tn FROM firsts ORDER BY ord").to_arrow_reader(OUT_ROWS)
-    else:
-        lookup, reader = None, con.sql(_sql("ingest_kg_dedupe.sql")).to_arrow_reader(OUT_ROWS)
-    for batch in fixed_batches(reader):
-        yield stager.finish_triples(batch if lookup is None else lookup(batch))
-
-
-def publish_triples(home: Home, con, config: KGIngestConfig, stager: Stager) -> DatasetRef:
-    batches = triple_batches(con, config, stager)
-    return lake.publish_table(home, "kg_triples", stager.domain, stager.partition, batches, stage=STAGE)
-
-
 def publish_quarantine(home: Home, con, stager: Stager) -> DatasetRef:
     """Line-level and name-level rejects together, in input order (file, then line)."""
-    rel = con.sql("SELECT * FROM read_parquet($path) ORDER BY list_position($sources, source_file), source_pos",
-                  params={"path": str(stager.rejects_path), "sources": stager.sources})
-    batches = fixed_batches(rel.to_arrow_reader(OUT_ROWS))
-    return lake.publish_table(home, "quarantine", stager.domain, side_partition(STAGE, stager.partition), batches, stage=STAGE)
+    params = {"path": str(stager.rejects_path), "sources": stager.sources}
+    return lake.publish_query(home, con, _sql("ingest_kg_quarantine.sql"), params, "quarantine", stager.domain,
+                              side_partition(STAGE, stager.partition), stage=STAGE)
 
 
 def publish_stats(home: Home, stager: Stager, seconds: float) -> DatasetRef:
@@ -463,8 +449,8 @@ def rebuild_entities(home: Home, config: KGIngestConfig, con, domain: str, parti
     if parts != [partition]:
         _lake_triples(home, con, domain, parts)
         sql = ("ingest_kg_entities.sql", "ingest_kg_relations.sql")
-    return [publish_query(home, con, sql[0], params, "kg_entities", domain, "all"),
-            publish_query(home, con, sql[1], params, "kg_relations", domain, "all")]
+    return [lake.publish_query(home, con, _sql(sql[0]), params, "kg_entities", domain, "all", stage=STAGE),
+            lake.publish_query(home, con, _sql(sql[1]), params, "kg_relations", domain, "all", stage=STAGE)]
 
 
 def _lake_triples(home: Home, con, domain: str, parts: list[str]) -> None:
@@ -499,6 +485,7 @@ def _stage_and_publish(home: Home, config: KGIngestConfig, paths: list[Path], do
         quarantine_bad_names(con, stager)
         stager.close()
         t2 = time.perf_counter()
+        dedupe(con, stager)
         outputs = [publish_triples(home, con, config, stager), publish_quarantine(home, con, stager)]
         t3 = time.perf_counter()
         with domain_lock(home, domain):

@@ -82,6 +82,41 @@ def test_empty_partition_and_missing_table_read_typed(home):
     assert lake.partitions(home, "quarantine", "d") == ["empty"]
 
 
+RELATION = "SELECT 'r1' AS relation_id, {name} AS name, false AS is_alias, {triples} AS triples, $domain AS domain"
+
+
+def test_publish_query_checks_schema_and_keeps_the_old_partition(home):
+    import duckdb
+
+    con = duckdb.connect()
+    ref = lake.publish_query(home, con, RELATION.format(name="'别名'", triples="3::BIGINT"), {"domain": "d"}, "kg_relations", "d", "all", "t")
+    assert ref.rows == 1 and lake.read_table(home, "kg_relations", "d").to_pylist() == [
+        {"relation_id": "r1", "name": "别名", "is_alias": False, "triples": 3, "domain": "d"}]
+    bad = {"NULL in a non-nullable column": (RELATION.format(name="NULL::VARCHAR", triples="3::BIGINT"), SchemaError, "column name is not nullable"),
+           "wrong type": (RELATION.format(name="'x'", triples="'3'"), SchemaError, "column triples is string, expected int64"),
+           "missing column": ("SELECT 'r1' AS relation_id", SchemaError, "the query must select")}
+    for why, (sql, error, message) in bad.items():
+        with pytest.raises(error, match=message):
+            lake.publish_query(home, con, sql, {"domain": "d"}, "kg_relations", "d", "all", "t")
+        assert lake.partition_ref(home, "kg_relations", "d", "all").fingerprint == ref.fingerprint, why
+    folder = home.partition_dir("kg_relations", "d", "all")
+    assert sorted(p.name for p in folder.iterdir()) == sorted([atomic.MANIFEST] + [f["path"] for f in atomic.read_manifest(folder)["files"]])
+
+
+def test_publish_query_bytes_do_not_depend_on_the_plan(home):
+    """The same rows from a table scan (statistics prove no NULLs) and from computed expressions give one file."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("CREATE TABLE rel AS SELECT 'r' || range AS relation_id, 'n' || range AS name, false AS is_alias, "
+                "range AS triples, 'd' AS domain FROM range(5)")
+    a = lake.publish_query(home, con, "SELECT * FROM rel ORDER BY triples", {}, "kg_relations", "d", "a", "t")
+    computed = ("SELECT concat('r', x) AS relation_id, concat('n', x) AS name, x < 0 AS is_alias, x::BIGINT AS triples, "
+                "lower('D') AS domain FROM (SELECT unnest([0, 1, 2, 3, 4]) AS x) ORDER BY x")
+    b = lake.publish_query(home, con, computed, {}, "kg_relations", "d", "b", "t")
+    assert a.fingerprint == b.fingerprint
+
+
 def test_conform_refuses_missing_extra_and_null_columns():
     t = _quarantine(1)
     with pytest.raises(SchemaError, match="missing"):
