@@ -73,6 +73,27 @@ def chosen_domains(params: dict, triggering: dict | None = None) -> list[str]:
     return picked or allowed
 
 
+def pair_partitions(domain: str) -> list[str]:
+    """The domain's committed ``pairs`` partitions (those with a manifest), oldest first."""
+    from rapid_pipeline.core import lake  # imported here: DAG parsing stays light
+    from rapid_pipeline.core.home import Home
+
+    return lake.partitions(Home.from_env(rapid_home()), "pairs", domain)
+
+
+def link_jobs(partitions: dict[str, list[str]], max_tasks: int | None = None) -> list[dict]:
+    """One ``{"domain", "partitions"}`` per link task: each domain's partitions in at most `max_tasks`
+    (default ``RAPID_LINK_MAX_TASKS``, 64) contiguous, near-equal chunks; a domain without partitions gets
+    no task. Why a cap: Airflow refuses more than max_map_length (1024) mapped tasks, however many days landed."""
+    max_tasks = max_tasks or int(os.environ.get("RAPID_LINK_MAX_TASKS", "64"))
+    jobs = []
+    for domain, parts in sorted(partitions.items()):
+        n = min(len(parts), max(1, max_tasks))
+        bounds = [round(i * len(parts) / n) for i in range(n + 1)] if n else []
+        jobs += [{"domain": domain, "partitions": parts[a:b]} for a, b in zip(bounds, bounds[1:])]
+    return jobs
+
+
 def skip(message: str) -> None:
     """Skip the task with a message the UI shows (skipped tasks emit no asset events)."""
     raise AirflowSkipException(message)

@@ -2,15 +2,17 @@
 
 Scheduled on the ingest assets (``lake/pairs`` OR ``lake/kg_triples`` changed). The domains come
 from the ``domain`` param, else from the triggering asset events (``extra["domains"]``), else all
-of ``RAPID_DOMAINS``; every step is mapped over them with ``.expand`` so domains run in parallel
-on as many workers as the executor has::
+of ``RAPID_DOMAINS``. Linking is mapped over (domain, pairs partitions) and the rest over domains,
+with ``.expand``, so they run in parallel on as many workers as the executor has::
 
-    select_domains -> link[d] -> coverage[d]
-                              -> transe[d] -> shard[d]
+    select_domains -> select_partitions -> link[(d, days)] -> linked_domains -> coverage[d]
+                                                                            -> transe[d] -> shard[d]
 
-* ``rapid link --domain D`` re-links the domain's captions (all ``pairs`` partitions: the
-  ``links`` table is one partition per domain; a new day changes its inputs, an unchanged lake
-  is a step-cache hit);
+* ``rapid link --domain D --partition P ...`` links one chunk of the domain's ``pairs`` partitions
+  (``links`` has one partition per ``pairs`` partition). Every committed partition is mapped: one
+  whose pairs and KG are unchanged is a step-cache hit in seconds, and a KG change relinks them
+  all. At most ``RAPID_LINK_MAX_TASKS`` (64) tasks per domain; past that, each task takes a
+  contiguous run of days. A domain with no pairs yet gets no link task and is not prepared;
 * ``rapid kg transe --domain D --preset P`` trains the entity embeddings and moves ``CURRENT``;
 * ``rapid shard --domain D --preset P`` writes ``shards/<domain>/`` + ``manifest.json``.
 
@@ -37,10 +39,10 @@ def _preset() -> str:
     return get_current_context()["params"]["preset"]
 
 
-def _emit(asset, domain: str, report: dict) -> None:
+def _emit(asset, domain: str, report: dict, **more) -> None:
     get_current_context()["outlet_events"][asset].extra = {
         "domains": [domain], "run_id": report.get("run_id"), "status": report.get("status"),
-        "outputs": c.summary(report)["outputs"],
+        "outputs": c.summary(report)["outputs"], **more,
     }
 
 
@@ -52,13 +54,31 @@ def select_domains() -> list[str]:
     return c.chosen_domains(ctx["params"], ctx.get("triggering_asset_events"))
 
 
+@task
+def select_partitions(domains: list[str]) -> list[dict]:
+    """The link tasks: every committed ``pairs`` partition of each domain, in at most
+    ``RAPID_LINK_MAX_TASKS`` contiguous chunks per domain."""
+    jobs = c.link_jobs({d: c.pair_partitions(d) for d in domains})
+    if not jobs:
+        c.skip(f"no pairs partitions in {', '.join(domains)}: run rapid_ingest (or `rapid ingest pairs`) first")
+    return jobs
+
+
 @task(outlets=[LAKE_LINKS])
-def link(domain: str) -> str:
-    """Link entity names in the domain's captions to its KG (``rapid link``), writing ``links``."""
-    report = c.call_stage(["link", "--domain", domain])
-    _emit(LAKE_LINKS, domain, report)
-    print(c.summary(report))
+def link(job: dict) -> str:
+    """Link entity names in the captions of some ``pairs`` partitions of a domain to its KG
+    (``rapid link --partition ...``), writing those ``links`` partitions."""
+    domain, parts = job["domain"], job["partitions"]
+    report = c.call_stage(["link", "--domain", domain, *[a for p in parts for a in ("--partition", p)]])
+    _emit(LAKE_LINKS, domain, report, partitions=parts)
+    print(report.get("text") or c.summary(report))
     return domain
+
+
+@task
+def linked_domains(domains: list[str]) -> list[str]:
+    """Each domain once, after all of its link tasks succeeded."""
+    return sorted(set(domains))
 
 
 @task(outlets=[REPORTS])
@@ -99,8 +119,8 @@ def shard(domain: str) -> dict:
     doc_md=__doc__,
 )
 def rapid_prepare():
-    domains = c.documented(select_domains)()
-    linked = c.documented(link).expand(domain=domains)
+    jobs = c.documented(select_partitions)(c.documented(select_domains)())
+    linked = c.documented(linked_domains)(c.documented(link).expand(job=jobs))
     c.documented(coverage).expand(domain=linked)
     embedded = c.documented(transe).expand(domain=linked)
     c.documented(shard).expand(domain=embedded)

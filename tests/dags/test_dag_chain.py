@@ -21,15 +21,22 @@ from _harness import airflow_env, migrate, run_airflow_script  # noqa: E402
 
 FAKE_CHAIN = r'''
 import json, os
+import pathlib
 import pendulum
 import _common
 HOME = os.environ["RAPID_HOME"]
 CALLS = []
+# committed pairs partitions (a manifest is what makes one): demo has three days, food one
+for d, day in [("demo", "2025-01-01"), ("demo", "2025-01-02"), ("demo", "2025-01-03"), ("food", "2025-01-02")]:
+    part = pathlib.Path(HOME, "lake", "pairs", f"domain={d}", f"part={day}")
+    part.mkdir(parents=True)
+    (part / "_manifest.json").write_text("{}")
+os.environ["RAPID_LINK_MAX_TASKS"] = "2"
 GATE = {"decision": "promoted"}
 OUT = {("train", "clip"): "models/ckclip/{d}/clip-1", ("train", "vae"): "models/vae/{d}/vae-1",
        ("train", "diffusion"): "models/pipeline/{d}/diff-1",
        ("train", "sr"): "models/esrgan/{d}/sr-1", ("pipeline", "assemble"): "models/pipeline/{d}/asm-1",
-       ("kg", "transe"): "models/transe/{d}/te-1", ("shard",): "shards/{d}", ("link",): "lake/links/domain={d}/part=all",
+       ("kg", "transe"): "models/transe/{d}/te-1", ("shard",): "shards/{d}", ("link",): "lake/links/domain={d}",
        ("compile",): "models/compiled/x"}
 
 def fake(argv, env, gpu):
@@ -92,14 +99,19 @@ def _argvs(calls, *head):
     return [c["argv"] for c in calls if c["argv"][:len(head)] == list(head)]
 
 
-def test_prepare_maps_link_transe_shard_over_domains(chain):
+def test_prepare_maps_link_over_partitions_and_the_rest_over_domains(chain):
     res, _ = chain
     assert res["prepare"]["state"] == "success"
-    for step in ("link", "transe", "shard", "coverage"):
+    expected = {"link": [0, 1, 2], "transe": [0, 1], "shard": [0, 1], "coverage": [0, 1]}
+    for step, indexes in expected.items():
         done = [t for t in res["prepare"]["tasks"] if t[0] == step]
-        assert [t[1] for t in done] == [0, 1] and all(t[2] == "success" for t in done), (step, done)
+        assert [t[1] for t in done] == indexes and all(t[2] == "success" for t in done), (step, done)
     calls = res["calls"]
-    assert sorted(a[a.index("--domain") + 1] for a in _argvs(calls, "link")) == ["demo", "food"]
+    # RAPID_LINK_MAX_TASKS=2: demo's three days in two contiguous chunks, food's one day in one task
+    linked = sorted((a[a.index("--domain") + 1], [a[i + 1] for i, x in enumerate(a) if x == "--partition"])
+                    for a in _argvs(calls, "link"))
+    assert linked == [("demo", ["2025-01-01", "2025-01-02"]), ("demo", ["2025-01-03"]), ("food", ["2025-01-02"])]
+    assert sorted(a[a.index("--domain") + 1] for a in _argvs(calls, "kg", "transe")) == ["demo", "food"]
     assert all(a[-2:] == ["--preset", "small"] for a in _argvs(calls, "kg", "transe") + _argvs(calls, "shard"))
     assert not any(c["gpu"] for c in calls if c["argv"][0] in ("link", "kg", "shard", "coverage"))
 
