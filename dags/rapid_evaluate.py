@@ -9,11 +9,17 @@ event's ``extra["run_dir"]`` (or the ``model`` param, or the domain's newest bui
 * ``evaluate_gate`` runs ``rapid evaluate --model DIR --domain D --gate``: the STAGE compares the
   new build with ``models/pipeline/<domain>/production`` and promotes it or blocks it; this task
   only reports the decision (task log, XCom, and the ``reports`` asset event's extra).
+* With the param ``accept_fast_sampler`` (default false) it adds ``--accept-fast-sampler``: the stage
+  also evaluates DPM-Solver++ 20 steps on the same split / N / seeds and accepts it iff its Fréchet
+  metric is within the margin of the reference protocol (PNDM-50; ``reports/<domain>/<run>/fast_sampler.json``,
+  used by ``rapid serve --fast-sampler``). The decision is in the returned dict under ``fast_sampler``
+  (``None`` when not asked); a rejected sampler does not fail the task and does not change the gate.
 * ``compile_build`` runs ``rapid compile --model DIR`` only for a promoted build (a blocked build is
   *skipped* with the gate's reason, so the UI shows it).
 * Both are GPU stages: pool ``gpu``, queue ``gpu``, child process.
 
-Trigger by hand with ``{"domain": "demo", "model": "/abs/models/pipeline/demo/<run>", "samples": 200}``.
+Trigger by hand with ``{"domain": "demo", "model": "/abs/models/pipeline/demo/<run>", "samples": 200,
+"accept_fast_sampler": true}``.
 """
 
 from __future__ import annotations
@@ -64,18 +70,35 @@ def _device_args() -> list[str]:
     return ["--device", "cuda"] if c.visible_gpus() > 0 else []
 
 
+def evaluate_argv(build: dict, params: dict) -> list:
+    """The `rapid evaluate` command line of one build under this run's params."""
+    fast = ["--accept-fast-sampler"] if params.get("accept_fast_sampler") else []
+    return ["evaluate", "--model", build["model"], "--domain", build["domain"], "--samples", params["samples"],
+            "--gate", *fast, *_device_args()]
+
+
+def fast_sampler_summary(report: dict) -> dict | None:
+    """The fast-sampler decision for XCom (None when it was not asked for)."""
+    fast = report.get("fast_sampler")
+    if not fast:
+        return None
+    keep = ("decision", "reason", "reference", "candidate", "margin")
+    return {k: fast.get(k) for k in keep}
+
+
 @task(outlets=[REPORTS], **c.GPU_TASK)
 def evaluate_gate(build: dict) -> dict:
     """Evaluate the build on the domain's test split and run the promotion gate (the stage
-    decides: promoted / blocked); the decision goes to the log, XCom and the asset event."""
-    samples = get_current_context()["params"]["samples"]
-    argv = ["evaluate", "--model", build["model"], "--domain", build["domain"], "--samples", samples,
-            "--gate", *_device_args()]
-    report = c.call_stage(argv, gpu=True)
+    decides: promoted / blocked), plus the fast-sampler acceptance when ``accept_fast_sampler`` is
+    set; the decisions go to the log, XCom and the asset event."""
+    report = c.call_stage(evaluate_argv(build, get_current_context()["params"]), gpu=True)
     gate = report.get("gate") or {}
     decision = {**build, "decision": gate.get("decision", "unknown"), "reason": gate.get("reason", ""),
-                "run_id": report.get("run_id"), "status": report.get("status"), "html": report.get("html")}
+                "run_id": report.get("run_id"), "status": report.get("status"), "html": report.get("html"),
+                "fast_sampler": fast_sampler_summary(report)}
     print(f"gate for {build['domain']} {build['model']}: {decision['decision']} ({decision['reason']})")
+    if decision["fast_sampler"]:
+        print(f"fast sampler: {decision['fast_sampler']['decision']} ({decision['fast_sampler']['reason']})")
     get_current_context()["outlet_events"][REPORTS].extra = {"domains": [build["domain"]], **decision}
     return decision
 
@@ -101,7 +124,9 @@ def compile_build(decision: dict) -> dict:
     tags=["rapid", "evaluate", "gpu"],
     params={"domain": Param("", type="string", description="evaluate only this domain (empty = from the asset events / all)"),
             "model": Param("", type="string", description="pipeline folder to evaluate (empty = from the asset event / newest)"),
-            "samples": Param(1000, type="integer", minimum=1, description="images per side for FID / CLIP score")},
+            "samples": Param(1000, type="integer", minimum=1, description="images per side for FID / CLIP score"),
+            "accept_fast_sampler": Param(False, type="boolean",
+                                         description="also evaluate DPM-Solver++ 20 steps and accept it iff its Fréchet metric (fid or frechet_ckclip) is within the margin of PNDM-50 (rapid serve --fast-sampler uses it)")},
     doc_md=__doc__,
 )
 def rapid_evaluate():

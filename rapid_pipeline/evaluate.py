@@ -3,7 +3,8 @@ domain's test split, and the promotion gate.
 
     rapid evaluate --model rapid_home/models/pipeline/demo/<run> --domain demo \\
         [--samples 1000] [--inception-weights pt_inception-2015-12-05.pth] [--clip DIR] \\
-        [--steps 50 --scheduler pndm --guidance 7.5] [--workers 2] [--gate --margin 0.5]
+        [--steps 50 --scheduler pndm --guidance 7.5] [--workers 2] [--gate --margin 0.5] \\
+        [--accept-fast-sampler --fast-scheduler dpmsolver++ --fast-steps 20 --fast-margin M]
 
 Invariants (what makes two numbers comparable):
 * The metric is ``fid`` only with local InceptionV3 weights (torchmetrics / torch-fidelity network);
@@ -17,8 +18,22 @@ Invariants (what makes two numbers comparable):
 * Reference statistics are cached in ``reports/fid_stats/<key>.npz`` keyed by (split fingerprint, N,
   extractor, resize). Results go to ``reports/<domain>/<run>/metrics.json`` (published atomically)
   and the warehouse ``metrics`` table; ``reports/<domain>/index.html`` is regenerated.
+* One report per sampling protocol (scheduler, steps); the build's main ``reports/<domain>/<run>/``
+  holds the reference protocol (the defaults, pndm 50 steps), or the first protocol measured while it
+  has none (quick runs). Any other protocol goes to ``<run>/protocols/<scheduler>-<steps>/`` (``+`` →
+  ``p``: ``dpmsolverpp-20``) and never replaces the main report, which keeps ``protocols/`` and
+  ``fast_sampler.json`` when it is republished. The step cache has one partition per (build, protocol).
+  ``--gate`` gates the main report only (an evaluation that went to ``protocols/`` is refused).
+* ``--accept-fast-sampler``: evaluates this protocol (the reference, cached if done) and the candidate
+  ``--fast-scheduler``/``--fast-steps`` (default dpmsolver++ 20) with everything else equal (split, N,
+  seeds, extractor, guidance, size, SR); ``accepted`` iff the docs compare (same data fingerprint and
+  metric kind, same build and setup) and the candidate's Fréchet metric ≤ reference + ``--fast-margin``
+  (default 0.5 for ``fid``, 0.01 for ``frechet_ckclip``; the reason names the metric and both values).
+  Written atomically to ``reports/<domain>/<run>/fast_sampler.json`` and under ``"fast_sampler"`` in
+  the output; ``rapid serve --fast-sampler`` serves only an accepted one. Rejected is a result (exit 0).
 * Gate: production is ``models/pipeline/<domain>/production`` (a file with the run folder name).
-  Promote (atomic rewrite) iff the Fréchet metric is ≤ production + margin and CLIP score is
+  Promote (atomic rewrite) iff the Fréchet metric is ≤ production + margin (production's report of
+  the same protocol when it has one, else its main report) and CLIP score is
   ≥ production − clip margin; otherwise ``{"decision": "blocked", "reason": ...}`` (exit status 0:
   a blocked build is a result, not an error).
 """
@@ -28,6 +43,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +65,7 @@ from .metrics.frechet import GaussianStats, frechet_from_stats
 STAGE = "evaluate"
 FRECHET_METRICS = ("fid", "frechet_ckclip")  # lower is better
 DEFAULT_MARGINS = {"fid": 0.5, "frechet_ckclip": 0.01}  # frechet_ckclip lives on unit-norm embeddings
+FAST_SAMPLER_FILE = "fast_sampler.json"
 
 
 @dataclass(frozen=True)
@@ -257,10 +274,61 @@ def metrics_doc(inp: Inputs, cfg: EvalConfig, values: dict, run_id: str) -> dict
     }
 
 
+# ---------------------------------------------------------------- where a protocol's report goes
+REFERENCE_PROTOCOL = (EvalConfig().scheduler, EvalConfig().steps)  # ("pndm", 50): what the paper's FID uses
+KEPT_ON_REPUBLISH = ("protocols", FAST_SAMPLER_FILE)  # results of their own, not of the metrics.json replaced
+
+
+def protocol_of(doc: dict) -> tuple[str, int] | None:
+    protocol = doc.get("protocol") or {}
+    return (protocol["scheduler"], protocol["steps"]) if "scheduler" in protocol else None
+
+
+def protocol_slug(scheduler: str, steps: int) -> str:
+    """Folder-safe name of a sampling protocol ('dpmsolver++', 20 -> 'dpmsolverpp-20'), validated."""
+    return check_name(f"{scheduler.replace('+', 'p')}-{steps}", "sampling protocol")
+
+
+def main_report_dir(home: Home, domain: str, run: str) -> Path:
+    return home.reports / check_name(domain, "domain") / check_name(run, "model run")
+
+
+def report_dir(home: Home, domain: str, run: str, scheduler: str, steps: int) -> Path:
+    """The build's folder for the reference protocol, or for the first protocol measured (quick runs such
+    as the demo's --steps 4 keep their place); any other protocol goes to protocols/<slug>/ below it, so
+    it never replaces the report the gate reads."""
+    own = main_report_dir(home, domain, run)
+    held = load_metrics_doc(home, domain, run)
+    if (scheduler, steps) == REFERENCE_PROTOCOL or held is None or protocol_of(held) == (scheduler, steps):
+        return own
+    return own / "protocols" / protocol_slug(scheduler, steps)
+
+
+def eval_partition(run: str, scheduler: str, steps: int) -> str:
+    """Step-cache partition, one per (build, protocol): the cache keeps one entry per partition, so
+    evaluating DPM-20 must not evict PNDM-50's entry."""
+    check_name(run, "model run")
+    if (scheduler, steps) == REFERENCE_PROTOCOL:
+        return run  # unchanged for the reference: its existing cache entries stay valid
+    return check_name(f"{run}--{protocol_slug(scheduler, steps)}", "evaluation partition (model run--protocol)")
+
+
+def _carry_over(old: Path, tmp: Path) -> None:
+    """Keep the other protocols' reports and the fast-sampler decision when the main report is replaced."""
+    for name in KEPT_ON_REPUBLISH:
+        src = old / name
+        if src.is_dir():
+            shutil.copytree(src, tmp / name, ignore=shutil.ignore_patterns(".tmp-*", ".old-*"))
+        elif src.is_file():
+            shutil.copy2(src, tmp / name)
+
+
 def write_report_dir(home: Home, doc: dict, samples: list) -> Path:
-    """reports/<domain>/<run>/ with metrics.json + samples/NNN.png, swapped in atomically."""
-    final = home.reports / doc["domain"] / doc["model_run"]
+    """`report_dir(...)` with metrics.json + samples/NNN.png, swapped in atomically."""
+    final = report_dir(home, doc["domain"], doc["model_run"], doc["protocol"]["scheduler"], doc["protocol"]["steps"])
     tmp = staging_dir(final)
+    if final == main_report_dir(home, doc["domain"], doc["model_run"]):
+        _carry_over(final, tmp)
     (tmp / "samples").mkdir()
     doc["grid"] = []
     for i, (prompt, image) in enumerate(samples):
@@ -305,8 +373,8 @@ def run(cfg: EvalConfig, home: Home, pipeline: Any = None, extractor: Any = None
 
     key_cfg = {**config_dict(cfg), "extractor": inp.extractor.extractor_id,
                "clip": getattr(inp.clip, "extractor_id", None), "workers": None, "batch_size": None}
-    return run_stage(home, STAGE, key_cfg, [inp.model_dir, manifest, *extra_inputs], body,
-                     domain=cfg.domain, partition=check_name(inp.model_dir.name, "model run"), force=force)
+    return run_stage(home, STAGE, key_cfg, [inp.model_dir, manifest, *extra_inputs], body, domain=cfg.domain,
+                     partition=eval_partition(inp.model_dir.name, cfg.scheduler, cfg.steps), force=force)
 
 
 # ---------------------------------------------------------------- gate
@@ -315,17 +383,32 @@ def production_pointer(home: Home, domain: str) -> Path:
 
 
 def load_metrics_doc(home: Home, domain: str, run: str) -> dict | None:
+    """The build's main report (the reference protocol's, or the only protocol it was measured with)."""
     path = home.reports / domain / run / "metrics.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
-def comparable(new: dict, prod: dict) -> str | None:
-    """None when the two docs may be compared, else why not."""
+def find_metrics_doc(home: Home, domain: str, run: str, protocol: tuple[str, int] | None) -> dict | None:
+    """The build's report measured with `protocol` (scheduler, steps) if it has one, else its main report."""
+    held = load_metrics_doc(home, domain, run)
+    if protocol is None or (held is not None and protocol_of(held) == protocol):
+        return held
+    path = home.reports / domain / run / "protocols" / protocol_slug(*protocol) / "metrics.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else held
+
+
+def report_doc(report: StageReport) -> dict:
+    """The metrics.json a (possibly cached) evaluation published, wherever its protocol put it."""
+    return json.loads((Path(report.extra["report_dir"]) / "metrics.json").read_text(encoding="utf-8"))
+
+
+def comparable(new: dict, prod: dict, against: str = "production") -> str | None:
+    """None when the two docs may be compared, else why not (`against` names the second doc)."""
     if new["data_fingerprint"] != prod["data_fingerprint"]:
-        return (f"refusing to compare: data fingerprints differ ({new['data_fingerprint'][:12]} vs production "
-                f"{prod['data_fingerprint'][:12]}; test split or sample count changed) — re-evaluate production with the same settings")
+        return (f"refusing to compare: data fingerprints differ ({new['data_fingerprint'][:12]} vs {against} "
+                f"{prod['data_fingerprint'][:12]}; test split or sample count changed) — re-evaluate {against} with the same settings")
     if new["metric_kind"] != prod["metric_kind"]:
-        return f"refusing to compare: metric kinds differ ({new['metric_kind']} vs production {prod['metric_kind']})"
+        return f"refusing to compare: metric kinds differ ({new['metric_kind']} vs {against} {prod['metric_kind']})"
     return None
 
 
@@ -363,7 +446,7 @@ def _decide(home: Home, new: dict, prod_run: str | None, margin: float | None, c
         return {"decision": "promoted", "reason": "no production build yet"}
     if prod_run == new["model_run"]:
         return {"decision": "unchanged", "reason": f"{prod_run} already is production"}
-    prod = load_metrics_doc(home, new["domain"], prod_run)
+    prod = find_metrics_doc(home, new["domain"], prod_run, protocol_of(new))
     if prod is None:
         return {"decision": "blocked", "reason": f"production build {prod_run} has no metrics.json: run `rapid evaluate --model {prod_run}` first"}
     why_not = comparable(new, prod)
@@ -379,13 +462,95 @@ def ensure_production_evaluated(home: Home, cfg: EvalConfig, new: dict) -> str |
     prod_run = pointer.read_text().strip() if pointer.exists() else None
     if prod_run is None or prod_run == new["model_run"]:
         return None
-    prod = load_metrics_doc(home, cfg.domain, prod_run)
+    prod = find_metrics_doc(home, cfg.domain, prod_run, protocol_of(new))
     if prod is not None and comparable(new, prod) is None:
         return "comparable"
     prod_dir = pointer.parent / prod_run
     if not (prod_dir / "model_index.json").exists():
         return f"production folder {prod_dir} is missing"
     return run(replace_config(cfg, model=str(prod_dir)), home).status
+
+
+# ---------------------------------------------------------------- fast-sampler acceptance
+@dataclass(frozen=True)
+class FastSampler:
+    """The candidate protocol of `--accept-fast-sampler`: everything else is the reference's."""
+
+    scheduler: str = "dpmsolver++"
+    steps: int = 20
+    margin: float | None = None  # None: DEFAULT_MARGINS of the metric kind
+
+
+def check_fast_sampler(cfg: EvalConfig, fast: FastSampler) -> None:
+    """Refuse a candidate that cannot be a fewer-step mode of the reference, before any work."""
+    from .pipeline import SCHEDULERS
+
+    if fast.scheduler not in SCHEDULERS:
+        raise ValueError(f"--fast-scheduler {fast.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    if not 1 <= fast.steps <= cfg.steps:
+        raise ValueError(f"--fast-steps {fast.steps} must be in [1, --steps {cfg.steps}]: a fast sampler takes fewer steps")
+    if (fast.scheduler, fast.steps) == (cfg.scheduler, cfg.steps):
+        raise ValueError(f"the candidate {fast.scheduler} {fast.steps} steps is the reference protocol itself")
+    if fast.margin is not None and fast.margin < 0:
+        raise ValueError(f"--fast-margin must be >= 0, got {fast.margin}")
+
+
+def _side(doc: dict) -> dict:
+    name = doc["metric_kind"]["name"]
+    scheduler, steps = protocol_of(doc) or (None, None)
+    return {"scheduler": scheduler, "steps": steps, "metric": name, "value": doc["metrics"].get(name)}
+
+
+def _same_setup(cand: dict, ref: dict) -> str | None:
+    """Only the sampler may differ: same build, seeds, guidance, size and super-resolution."""
+    if cand.get("model_fingerprint") != ref.get("model_fingerprint"):
+        return "refusing to compare: the candidate and the reference are different builds (model fingerprints differ)"
+    keys = ("guidance", "seed", "size", "super_resolution")
+    diff = [f"{k}: {cand['protocol'].get(k)!r} vs reference {ref['protocol'].get(k)!r}" for k in keys
+            if cand["protocol"].get(k) != ref["protocol"].get(k)]
+    return f"refusing to compare: protocols differ beyond the sampler ({'; '.join(diff)})" if diff else None
+
+
+def _verdict(ref: dict, cand: dict, margin: float | None) -> tuple[bool, str, float]:
+    """(accepted?, reason naming the metric and both values, margin used)."""
+    name = ref["metric_kind"]["name"]  # fid or frechet_ckclip, never renamed
+    m = DEFAULT_MARGINS[name] if margin is None else margin
+    why_not = comparable(cand, ref, against="reference") or _same_setup(cand, ref)
+    if why_not:
+        return False, why_not, m
+    (c, r), (cs, rs) = (cand["metrics"][name], ref["metrics"][name]), (_side(cand), _side(ref))
+    ok = bool(c <= r + m)  # NaN compares False: rejected
+    return ok, (f"{name} of {cs['scheduler']} {cs['steps']} steps {c:.4f} {'<=' if ok else '>'} reference "
+                f"{rs['scheduler']} {rs['steps']} steps {r:.4f} + margin {m}"), m
+
+
+def decide_fast_sampler(ref: dict, cand: dict, margin: float | None = None) -> dict:
+    """accepted iff the docs compare and the candidate's Fréchet metric <= the reference's + margin."""
+    ok, reason, m = _verdict(ref, cand, margin)
+    return {"decision": "accepted" if ok else "rejected", "reason": reason, "reference": _side(ref),
+            "candidate": _side(cand), "margin": m, "samples": ref["samples"], "data_fingerprint": ref["data_fingerprint"],
+            "domain": ref["domain"], "model_run": ref["model_run"], "model_fingerprint": ref.get("model_fingerprint"),
+            "decided_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def fast_sampler_path(home: Home, domain: str, run: str) -> Path:
+    return main_report_dir(home, domain, run) / FAST_SAMPLER_FILE
+
+
+def accept_fast_sampler(cfg: EvalConfig, fast: FastSampler, home: Home, pipeline: Any = None, extractor: Any = None,
+                        clip: Any = None, force: bool = False) -> tuple[dict, StageReport]:
+    """Evaluate the reference (`cfg`) and the candidate (only scheduler/steps changed: same split, N, seeds,
+    extractor), decide, write fast_sampler.json atomically; returns (decision, the reference's report)."""
+    check_fast_sampler(cfg, fast)
+    inp = prepare(cfg, home, pipeline, extractor, clip)  # one feature extractor for both sides
+    ref_report = run(cfg, home, inp.pipeline, inp.extractor, inp.clip, force=force)
+    cand_cfg = replace_config(cfg, scheduler=fast.scheduler, steps=fast.steps)
+    cand_report = run(cand_cfg, home, inp.pipeline, inp.extractor, inp.clip, force=force)
+    ref = report_doc(ref_report)
+    decision = decide_fast_sampler(ref, report_doc(cand_report), fast.margin)
+    decision["candidate_report_dir"] = cand_report.extra["report_dir"]
+    atomic_write_json(fast_sampler_path(home, ref["domain"], ref["model_run"]), decision)
+    return decision, ref_report
 
 
 # ---------------------------------------------------------------- CLI
@@ -399,16 +564,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reevaluate-production", action=argparse.BooleanOptionalAction, default=True,
                         help="with --gate: evaluate the production build with these same settings when its metrics "
                              "are missing or were measured on other data / another metric kind (default: yes)")
+    parser.add_argument("--accept-fast-sampler", action="store_true",
+                        help="also evaluate a fewer-step sampler (--fast-scheduler, --fast-steps) with the same split, N, "
+                             "seeds, extractor, guidance, size and SR; accept it iff its Fréchet metric <= this protocol's "
+                             "+ --fast-margin. Writes reports/<domain>/<run>/fast_sampler.json (rapid serve --fast-sampler "
+                             "reads it); its own report goes to protocols/<scheduler>-<steps>/. Rejected is a result (exit 0)")
+    parser.add_argument("--fast-scheduler", default=None,
+                        help=f"with --accept-fast-sampler: the candidate sampler (default {FastSampler.scheduler})")
+    parser.add_argument("--fast-steps", type=int, default=None,
+                        help=f"with --accept-fast-sampler: the candidate's denoising steps (default {FastSampler.steps})")
+    parser.add_argument("--fast-margin", type=float, default=None,
+                        help=f"with --accept-fast-sampler: allowed Fréchet increase over the reference (default {DEFAULT_MARGINS})")
+
+
+def fast_sampler_from_args(args: argparse.Namespace) -> FastSampler | None:
+    given = {k: getattr(args, f"fast_{k}", None) for k in ("scheduler", "steps", "margin")}
+    if not getattr(args, "accept_fast_sampler", False):
+        if any(v is not None for v in given.values()):
+            raise ValueError("--fast-scheduler / --fast-steps / --fast-margin need --accept-fast-sampler")
+        return None
+    return FastSampler(**{k: v for k, v in given.items() if v is not None})
+
+
+def gate_doc(home: Home, cfg: EvalConfig, report: StageReport) -> dict:
+    """The gate compares main reports only (production's is its main one): refuse a protocols/ report."""
+    doc = report_doc(report)
+    own = main_report_dir(home, cfg.domain, doc["model_run"])
+    if Path(report.extra["report_dir"]) != own:
+        raise ValueError(f"--gate compares the build's main report {own / 'metrics.json'}, measured with another "
+                         f"protocol; this evaluation ({cfg.scheduler} {cfg.steps} steps) went to {report.extra['report_dir']}")
+    return doc
 
 
 def main(args: argparse.Namespace, home: Home) -> dict:
     cfg = config_from_args(EvalConfig(), args)
     if not cfg.model:
         raise ValueError("--model DIR is required (models/pipeline/<domain>/<run> or its production pointer)")
-    report = run(cfg, home, force=args.force)
+    fast = fast_sampler_from_args(args)
+    fast_decision = None
+    if fast is None:
+        report = run(cfg, home, force=args.force)
+    else:
+        fast_decision, report = accept_fast_sampler(cfg, fast, home, force=args.force)
     result = {"stage": STAGE, "status": report.status, "run_id": report.run_id, **report.extra}
+    if fast_decision is not None:
+        result["fast_sampler"] = fast_decision
     if args.gate:
-        doc = load_metrics_doc(home, cfg.domain, resolve_model_dir(cfg.model).name)
+        doc = gate_doc(home, cfg, report)
         if args.reevaluate_production:
             result["production_evaluation"] = ensure_production_evaluated(home, cfg, doc)
         result["gate"] = gate(home, doc, args.margin, args.clip_margin)

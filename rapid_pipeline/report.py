@@ -2,9 +2,11 @@
 
     python -c "from rapid_pipeline.report import build_report; from rapid_pipeline.core.home import Home; print(build_report(Home.from_env(), 'demo'))"
 
-(``rapid evaluate`` regenerates it after every evaluation.) It reads only the published
-``reports/<domain>/<run>/metrics.json`` (+ ``gate.json``, ``samples/*.png``) of every build and shows:
-a metric table per build (the Fréchet metric under its true name: ``fid`` or ``frechet_ckclip``),
+(``rapid evaluate`` regenerates it after every evaluation.) It reads only the published main
+``reports/<domain>/<run>/metrics.json`` (+ ``gate.json``, ``fast_sampler.json``, ``samples/*.png``) of
+every build — one row per build; the reports of other protocols under ``<run>/protocols/`` are not rows —
+and shows: a metric table per build (the Fréchet metric under its true name: ``fid`` or ``frechet_ckclip``;
+the gate and the fast-sampler decision with their reasons),
 trend plots across builds as inline SVG drawn here (no plotting dependency), and an image grid
 of prompts × builds with PNG thumbnails (≤ 256 px) embedded as data URIs; the full-size PNGs stay in ``<run>/samples/``. Every text is HTML-escaped.
 """
@@ -25,13 +27,18 @@ MAX_GRID_BUILDS = 6
 THUMB_SIDE = 256
 
 
+def _optional_json(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
 def load_builds(home: Home, domain: str) -> list[dict]:
-    """metrics.json (+ gate.json) of every evaluated build of `domain`, oldest first."""
+    """Main metrics.json (+ gate.json, fast_sampler.json) of every evaluated build of `domain`, oldest first.
+    The glob is one level deep on purpose: protocols/<p>/metrics.json are not builds."""
     builds = []
     for path in sorted((home.reports / domain).glob("*/metrics.json")):
         doc = json.loads(path.read_text(encoding="utf-8"))
-        gate_path = path.parent / "gate.json"
-        doc["_gate"] = json.loads(gate_path.read_text(encoding="utf-8")) if gate_path.exists() else None
+        doc["_gate"] = _optional_json(path.parent / "gate.json")
+        doc["_fast"] = _optional_json(path.parent / "fast_sampler.json")
         doc["_dir"] = path.parent
         builds.append(doc)
     return sorted(builds, key=lambda d: (d.get("created_at", ""), d["model_run"]))
@@ -57,9 +64,18 @@ def _e(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
+def fast_sampler_cell(fast: dict | None) -> str:
+    """'accepted: dpmsolver++ 20 steps' + the reason (which names the metric), or '-' without a decision."""
+    if not fast:
+        return "-"
+    cand = fast.get("candidate") or {}
+    head = f"{fast.get('decision', '?')}: {cand.get('scheduler', '?')} {cand.get('steps', '?')} steps"
+    return f"{_e(head)}<br><small>{_e(fast.get('reason', ''))}</small>"
+
+
 def metrics_table(builds: list[dict], production: str | None) -> str:
     cols = metric_columns(builds)
-    head = "".join(f"<th>{_e(c)}</th>" for c in ["build", "created", "samples", "feature space", *cols, "gate"])
+    head = "".join(f"<th>{_e(c)}</th>" for c in ["build", "created", "samples", "feature space", *cols, "fast sampler", "gate"])
     rows = []
     for b in builds:
         gate = b["_gate"] or {}
@@ -67,7 +83,8 @@ def metrics_table(builds: list[dict], production: str | None) -> str:
         vals = "".join(f"<td>{'' if metric_value(b, c) is None else f'{metric_value(b, c):.4f}'}</td>" for c in cols)
         gate_cell = f"{_e(gate.get('decision', '-'))}<br><small>{_e(gate.get('reason', ''))}</small>"
         rows.append(f"<tr><td>{label}</td><td>{_e(b.get('created_at', ''))}</td><td>{_e(b['samples'])}</td>"
-                    f"<td>{_e(b['metric_kind']['extractor'])}</td>{vals}<td>{gate_cell}</td></tr>")
+                    f"<td>{_e(b['metric_kind']['extractor'])}</td>{vals}<td>{fast_sampler_cell(b.get('_fast'))}</td>"
+                    f"<td>{gate_cell}</td></tr>")
     return f'<table class="metrics"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 

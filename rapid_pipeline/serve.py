@@ -1,7 +1,7 @@
 """``rapid serve``: a REST API that turns a Chinese prompt into a PNG.
 
     rapid serve --model rapid_home/models/pipeline/demo/production [--host 127.0.0.1 --port 8000] \\
-        [--max-queue 8] [--timeout 60] [--max-prompt-chars 200] [--max-body-bytes 16384]
+        [--max-queue 8] [--timeout 60] [--max-prompt-chars 200] [--max-body-bytes 16384] [--fast-sampler]
 
     curl -s -X POST localhost:8000/v1/generate -H 'content-type: application/json' \\
          -d '{"prompt": "一张小炒黄牛肉的照片", "steps": 25, "seed": 1}' -o out.png
@@ -19,6 +19,10 @@ Invariants:
   a request that waits longer than ``--timeout`` answers 504, and the worker skips it if not started.
 * The pipeline is the compiled artifact of `rapid compile` when one exists for the model
   (`accel.artifact.load_optimized`), else the eager `RapidDiffusionPipeline`; nothing is downloaded.
+* ``--fast-sampler``: requests without ``steps`` use the scheduler and steps that ``rapid evaluate
+  --accept-fast-sampler`` ACCEPTED for the served build (``reports/<domain>/<run>/fast_sampler.json``,
+  found from the model folder ``models/pipeline/<domain>/<run>``); requests with ``steps`` keep
+  ``--scheduler``. Without an accepted decision the server refuses to start (one-line error).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import queue
@@ -35,13 +40,14 @@ import time
 import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from .core.config import add_config_args, config_from_args, opt
-from .core.home import Home
+from .core.home import Home, check_name
 from .core.text import TextRejected, normalize
 
 
@@ -63,6 +69,11 @@ class ServeSettings:
     scheduler: str = opt("pndm", "sampler: pndm | ddim | dpmsolver++")
     device: str = opt("auto", "auto (cuda when available) | cpu | cuda")
     retry_after: int = opt(2, "seconds suggested in Retry-After when the queue is full")
+    fast_sampler: bool = opt(False, "requests without steps use the fast sampler (scheduler + steps) that `rapid evaluate "
+                                    "--accept-fast-sampler` accepted for this build; refuse to start without one")
+    # Filled from fast_sampler.json by `fast_sampler_settings`, not flags (no help text: no --flag).
+    fast_scheduler: str = ""
+    fast_steps: int = 0
 
 
 class ApiError(Exception):
@@ -79,6 +90,7 @@ FIELDS = {"prompt", "steps", "guidance", "seed", "size", "super_resolution"}
 class Job:
     prompt: str
     steps: int
+    scheduler: str
     guidance: float
     seed: int
     base_size: int | None  # diffusion resolution (output / 4 with super-resolution)
@@ -139,10 +151,18 @@ def parse_job(body: Any, s: ServeSettings, has_sr: bool) -> Job:
     if "prompt" not in body:
         raise ApiError(422, "prompt_missing", "prompt is required")
     prompt = check_prompt(body["prompt"], s.max_prompt_chars)
-    steps = _int_field(body, "steps", s.default_steps, 1, s.max_steps)
+    steps, scheduler = _sampler(body, s)
     seed = _int_field(body, "seed", None, 0, 2**63 - 1)
     base, sr = _sizes(body, s, has_sr)
-    return Job(prompt, steps, _guidance(body, s), random.randrange(2**31) if seed is None else seed, base, sr)
+    return Job(prompt, steps, scheduler, _guidance(body, s), random.randrange(2**31) if seed is None else seed, base, sr)
+
+
+def _sampler(body: dict, s: ServeSettings) -> tuple[int | None, str]:
+    """(steps, scheduler): the accepted fast sampler replaces only the DEFAULT steps; explicit steps
+    keep --scheduler, because the acceptance measured the fast scheduler at its own step count only."""
+    if "steps" not in body and s.fast_steps:
+        return s.fast_steps, s.fast_scheduler
+    return _int_field(body, "steps", s.default_steps, 1, s.max_steps), s.scheduler
 
 
 # ---------------------------------------------------------------- the GPU worker
@@ -202,7 +222,7 @@ class Worker:
 
         gen = torch.Generator(device="cpu").manual_seed(job.seed)
         out = self.pipeline(job.prompt, num_inference_steps=job.steps, guidance_scale=job.guidance, generator=gen,
-                            height=job.base_size, width=job.base_size, scheduler=self.settings.scheduler,
+                            height=job.base_size, width=job.base_size, scheduler=job.scheduler,
                             super_resolution=job.super_resolution, output_type="pil")
         buf = io.BytesIO()
         out.images[0].save(buf, format="PNG")
@@ -210,8 +230,10 @@ class Worker:
 
     def health(self) -> dict:
         status = "ok" if self.pipeline is not None else ("error" if self.error else "loading")
+        fast = {"scheduler": self.settings.fast_scheduler, "steps": self.settings.fast_steps} if self.settings.fast_steps else None
         return {"status": status, "model_loaded": self.pipeline is not None, "error": self.error,
-                "queue_depth": self.jobs.qsize(), "max_queue": self.settings.max_queue, "busy": self.busy}
+                "queue_depth": self.jobs.qsize(), "max_queue": self.settings.max_queue, "busy": self.busy,
+                "fast_sampler": fast}
 
 
 # ---------------------------------------------------------------- the app
@@ -259,7 +281,7 @@ REQUEST_SCHEMA = {
     "type": "object", "required": ["prompt"], "additionalProperties": False,
     "properties": {
         "prompt": {"type": "string", "minLength": 1, "description": "Chinese prompt (max --max-prompt-chars)"},
-        "steps": {"type": "integer", "minimum": 1, "description": "denoising steps (default --default-steps)"},
+        "steps": {"type": "integer", "minimum": 1, "description": "denoising steps (default --default-steps, or the accepted fast sampler's with --fast-sampler)"},
         "guidance": {"type": "number", "minimum": 0, "description": "classifier-free guidance scale"},
         "seed": {"type": "integer", "minimum": 0, "description": "random seed (random when absent; echoed in X-Seed)"},
         "size": {"type": "integer", "description": "side of the returned image in pixels (multiple of 8; of 32 with SR)"},
@@ -311,7 +333,8 @@ async def handle_generate(request: Request, worker: Worker, settings: ServeSetti
     worker.submit(job)
     png = await wait_result(job, settings.timeout)
     return Response(png, media_type="image/png", headers={
-        "X-Seed": str(job.seed), "X-Steps": str(job.steps), "X-Elapsed-Ms": f"{(time.perf_counter() - t0) * 1e3:.0f}"})
+        "X-Seed": str(job.seed), "X-Steps": str(job.steps), "X-Scheduler": job.scheduler,
+        "X-Elapsed-Ms": f"{(time.perf_counter() - t0) * 1e3:.0f}"})
 
 
 # ---------------------------------------------------------------- CLI
@@ -359,6 +382,37 @@ def _device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
+def fast_sampler_file(model: str, home: Home) -> Path:
+    """reports/<domain>/<run>/fast_sampler.json of the served build. Serve has no --domain: the domain is
+    the run folder's parent (models/pipeline/<domain>/<run>; a production pointer is resolved first)."""
+    from .evaluate import fast_sampler_path, resolve_model_dir
+
+    run_dir = resolve_model_dir(model)
+    try:
+        return fast_sampler_path(home, check_name(run_dir.parent.name, "domain"), run_dir.name)
+    except ValueError:
+        raise ValueError(f"--fast-sampler: {run_dir} is not a models/pipeline/<domain>/<run> folder, so its "
+                         "evaluation report cannot be found") from None
+
+
+def fast_sampler_settings(settings: ServeSettings, home: Home) -> ServeSettings:
+    """With --fast-sampler: `settings` with the build's ACCEPTED fast scheduler/steps, else a one-line refusal."""
+    if not settings.fast_sampler:
+        return settings
+    path = fast_sampler_file(settings.model, home)
+    hint = f"run `rapid evaluate --model {settings.model} --domain {path.parent.parent.name} --accept-fast-sampler`"
+    if not path.exists():
+        raise ValueError(f"--fast-sampler: build {path.parent.name} has no fast-sampler decision ({path} is missing); {hint}")
+    decision = json.loads(path.read_text(encoding="utf-8"))
+    if decision.get("decision") != "accepted":
+        raise ValueError(f"--fast-sampler: the fast sampler of build {path.parent.name} was "
+                         f"{decision.get('decision')!r}, not accepted ({decision.get('reason')})")
+    cand = decision["candidate"]
+    if not 1 <= int(cand["steps"]) <= settings.max_steps:
+        raise ValueError(f"--fast-sampler: accepted steps {cand['steps']} exceed --max-steps {settings.max_steps}")
+    return dataclasses.replace(settings, fast_scheduler=cand["scheduler"], fast_steps=int(cand["steps"]))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser, ServeSettings)
 
@@ -369,6 +423,8 @@ def main(args: argparse.Namespace, home: Home) -> dict:
     settings = config_from_args(ServeSettings(), args)
     if not settings.model:
         raise ValueError("--model DIR is required (models/pipeline/<domain>/<run> or its production pointer)")
+    settings = fast_sampler_settings(settings, home)  # refuse before binding a port or loading weights
     app = create_app(default_loader(settings, home), settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
-    return {"stage": "serve", "status": "stopped", "host": settings.host, "port": settings.port}
+    return {"stage": "serve", "status": "stopped", "host": settings.host, "port": settings.port,
+            "fast_sampler": {"scheduler": settings.fast_scheduler, "steps": settings.fast_steps} if settings.fast_steps else None}

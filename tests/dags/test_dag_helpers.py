@@ -17,7 +17,7 @@ pytest.importorskip("airflow")
 
 import _common as c  # noqa: E402
 import rapid_ingest  # noqa: E402
-from rapid_evaluate import builds_from_events  # noqa: E402
+from rapid_evaluate import builds_from_events, evaluate_argv, fast_sampler_summary  # noqa: E402
 from rapid_train import _assemble_args, model_extra  # noqa: E402
 
 
@@ -123,3 +123,23 @@ def test_landing_events_pick_their_domain():
             Asset(name="rapid_landing_demo", uri="file:///x/landing/demo"): []}
     assert rapid_ingest.landing_domains(trig, ["demo", "food"]) == ["food"]
     assert rapid_ingest.landing_domains({}, ["demo", "food"]) == []
+
+
+def test_evaluate_argv_passes_accept_fast_sampler_and_summary_keeps_the_decision(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    build = {"domain": "demo", "model": "/m/demo/r1"}
+    plain = evaluate_argv(build, {"samples": 8, "accept_fast_sampler": False})
+    assert plain == ["evaluate", "--model", "/m/demo/r1", "--domain", "demo", "--samples", 8, "--gate"]
+    assert evaluate_argv(build, {"samples": 8, "accept_fast_sampler": True})[-1] == "--accept-fast-sampler"
+    assert fast_sampler_summary({"status": "ok"}) is None
+    fast = {"decision": "rejected", "reason": "fid ...", "reference": {}, "candidate": {}, "margin": 0.5, "decided_at": "t"}
+    assert fast_sampler_summary({"fast_sampler": fast}) == {k: fast[k] for k in ("decision", "reason", "reference", "candidate", "margin")}
+
+
+def test_link_jobs_chunk_each_domains_partitions_contiguously():
+    days = [f"2025-01-{i:02d}" for i in range(1, 8)]
+    jobs = c.link_jobs({"food": ["2025-02-01"], "demo": days, "empty": []}, max_tasks=3)
+    assert [(j["domain"], j["partitions"]) for j in jobs] == [
+        ("demo", days[0:2]), ("demo", days[2:5]), ("demo", days[5:7]), ("food", ["2025-02-01"])]
+    assert c.link_jobs({"demo": days}, max_tasks=100) == [{"domain": "demo", "partitions": [d]} for d in days]
+    assert c.link_jobs({}) == []

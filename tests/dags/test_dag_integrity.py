@@ -97,7 +97,7 @@ def test_params_let_a_user_pick_preset_and_domain(bag):
     dags = bag[0]["dags"]
     assert {"preset", "domain"} <= set(dags["rapid_prepare"]["params"])
     assert {"preset", "domain"} <= set(dags["rapid_train"]["params"])
-    assert {"domain", "model", "samples"} <= set(dags["rapid_evaluate"]["params"])
+    assert {"domain", "model", "samples", "accept_fast_sampler"} <= set(dags["rapid_evaluate"]["params"])
     assert {"date", "domain"} <= set(dags["rapid_ingest"]["params"])
 
 

@@ -1,6 +1,7 @@
 """Helpers for the evaluation tests, built in code: a tiny test split in webdataset tars (per the
 shard contract), a tiny stand-in CKCLIP (encode_image / encode_text + tokenizer) and stand-in
-pipelines whose output quality we control (close to the real images, or pure noise)."""
+pipelines whose output quality we control (close to the real images, or pure noise; per sampler
+protocol with `SamplerStandIn`)."""
 
 from __future__ import annotations
 
@@ -104,6 +105,21 @@ class StandInPipeline:
         noise = torch.rand(base.shape, generator=generator, dtype=torch.float64).numpy() * 255
         arr = (1 - self.noise) * base + self.noise * noise + (1 - self.noise) * (noise - 127.5) * 0.05
         return _Out([Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))])
+
+
+class SamplerStandIn(StandInPipeline):
+    """A stand-in whose quality depends on the sampler it is asked for, the way `evaluate.generate_batch`
+    asks (scheduler=, num_inference_steps=): noise_for[(scheduler, steps)], else `noise`. Records every
+    (scheduler, steps) it was called with, so a test sees that the candidate really was generated."""
+
+    def __init__(self, noise_for: dict, noise: float = 0.05, n: int = 64):
+        super().__init__(noise, n)
+        self.noise_for, self.default_noise, self.protocols = dict(noise_for), noise, []
+
+    def __call__(self, prompt, num_inference_steps=50, scheduler=None, **kw):
+        self.protocols.append((scheduler, num_inference_steps))
+        self.noise = self.noise_for.get((scheduler, num_inference_steps), self.default_noise)
+        return super().__call__(prompt, num_inference_steps=num_inference_steps, scheduler=scheduler, **kw)
 
 
 def make_model_dir(home, domain: str, run: str, marker: str = "") -> Path:

@@ -71,7 +71,7 @@ def test_report_renders_grid_tables_and_trends(home, shards, monkeypatch):
     assert len(tree.imgs) == 6
     png = base64.b64decode(tree.imgs[0]["src"].split(",", 1)[1])
     assert tree.imgs[0]["src"].startswith("data:image/png;base64,") and png[:4] == b"\x89PNG"
-    assert tree.svgs == len(header) - 5 and len(tree.polylines[0].split()) == 3  # one plot per metric, 3 builds
+    assert tree.svgs == len(header) - 6 and len(tree.polylines[0].split()) == 3  # one plot per metric, 3 builds
     assert "http://" not in text.replace("http://www.w3.org/2000/svg", "")  # self-contained
 
 
