@@ -11,20 +11,26 @@ invalid UTF-8) in a temp dir, then times, in this process:
    it cannot parse), and
 2. our ``ingest kg`` run (validation, normalisation, quarantine, dedupe, entity/relation rebuild).
 
-Prints both throughputs (triples/s), the ratio (goal >= 0.5) and the ingest's peak RSS. CPU seconds
+Prints both throughputs (triples/s), the ratio (goal >= 0.5), the ingest's peak RSS and both Parquet sizes. CPU seconds
 (process time, all threads) are printed too: on a shared machine they are steadier than wall time.
 The ingest runs in a fresh home each time (with --keep, a rerun would otherwise be a step-cache hit).
 
-Measured with --threads 2 on a 2-core machine shared with other jobs (wall times wobble by ~20%):
+Measured with --threads 2 on a 2-core machine shared with other jobs (DuckDB's own copy wobbles
+between 1.6 s and 2.7 s at 5M from run to run, so only same-run ratios mean anything):
 
-    triples  duckdb_s  ingest_s  ratio  peak RSS   (before this version of kg.py: ingest_s, ratio, RSS)
-    1M         0.60     3.9-4.0   0.15   0.7 GB     9.1 s, 0.075, 0.85 GB
-    5M         3.37    16.7       0.20   1.2 GB    39.2 s, 0.075, 1.59 GB
+    triples  duckdb_s   ingest_s    ratio        peak RSS
+    1M       0.37-0.59  3.3-3.8     0.11-0.16    0.79 GB
+    5M       1.56-1.94  13.8-15.1   0.11-0.14    1.23 GB   (while a test suite shared the cores: 17.4 and
+                                                             21.7 s against 2.27 and 2.72 s, 0.13 and 0.125)
 
-At 1M the ingest's phases (report extra) were: stage 0.7 s, names 0.5 s, dedupe + kg_triples /
-quarantine publish 2.2 s (of which ~0.8 s is pyarrow writing the 12-column kg_triples Parquet file in
-core.lake), entities 0.25 s. The 0.5 goal is not reached: writing kg_triples alone takes longer than
-DuckDB's whole 3-column copy.
+The goal (>= 0.5) is not reached. Phases of a 5M run (report extra, seconds): stage 2.2 (DuckDB reads
+whole lines, then splits them), names 2.2 (distinct names, Arrow fast path, sha256 ids), dedupe 3.6
+(three string->number joins and one GROUP BY over 5M triples, the ASOF line mapping, a sort of four
+integers), publish 5.3 (kg_triples: 12 columns with three high-entropy ids, 284 MB against the
+3-column copy's 78 MB), entities 1.0. Each of the first four phases costs about as much as DuckDB's
+whole copy, so no single fix reaches 0.5 on two cores. Writing every output with DuckDB's
+writer (`core.lake.publish_query`) instead of pyarrow did not change the 5M wall time measurably
+(paired runs of the previous version: 14.6 and 14.9 s).
 """
 
 from __future__ import annotations
@@ -116,7 +122,9 @@ def time_ingest(tsv: Path, home_dir: Path, threads: int) -> tuple[float, float, 
     report = run(KGIngestConfig(duckdb_threads=threads), home, [tsv], "bench", "manual")
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert report.status == "ok", report.status
-    return seconds, cpu, report.to_dict()
+    out = report.to_dict()
+    out["kg_triples_mb"] = sum(f.stat().st_size for f in (home_dir / "lake" / "kg_triples").rglob("*.parquet")) / 1e6
+    return seconds, cpu, out
 
 
 def main() -> None:
@@ -133,11 +141,13 @@ def main() -> None:
         info = generate(tsv, args.triples)
         print(f"generated {tsv} ({tsv.stat().st_size / 1e6:.0f} MB, {info}) in {time.perf_counter() - t0:.1f}s", flush=True)
         duck_s, duck_cpu = time_duckdb(tsv, work / "duckdb.parquet", args.threads)
+        duck_mb = (work / "duckdb.parquet").stat().st_size / 1e6
         ours_s, ours_cpu, report = time_ingest(tsv, work / "home", args.threads)
     n = args.triples
     result = {"triples": n, "duckdb_s": round(duck_s, 2), "duckdb_triples_per_s": round(n / duck_s),
               "ingest_s": round(ours_s, 2), "ingest_triples_per_s": round(n / ours_s), "ratio": round(duck_s / ours_s, 3),
               "duckdb_cpu_s": round(duck_cpu, 2), "ingest_cpu_s": round(ours_cpu, 2), "cpu_ratio": round(duck_cpu / ours_cpu, 3),
+              "duckdb_parquet_mb": round(duck_mb, 1), "kg_triples_mb": round(report["kg_triples_mb"], 1),
               "rows_out": report["rows_out"], "quarantined": report["rows_quarantined"],
               "duplicates": report["rows_duplicate"], "ingest_extra": report["extra"]}
     print(json.dumps(result, ensure_ascii=False, indent=1))
