@@ -1,0 +1,44 @@
+"""bench/features.py on CPU with a few images: structure, ratios from measured times, and that our
+streamed Inception sums equal torchmetrics' own on the same batches (random weights, nothing downloaded)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "features.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("rapid_bench_features", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_features_bench(capsys, monkeypatch, tmp_path):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the bench tried to download something")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    bench = _load_bench()
+    result = bench.main(["--device", "cpu", "--images", "6", "--batch-size", "4", "--workers", "1", "--side", "64",
+                         "--threads", "1", "--warmup", "1", "--json-out", str(tmp_path / "r.json")])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(printed[-1]) == json.loads(json.dumps(result)) == json.loads((tmp_path / "r.json").read_text())
+    assert result["images"] == 6 and result["sums_agree"] is True
+    feats = result["features_per_s"]
+    assert feats["ours"] > 0 and feats["torchmetrics"] > 0
+    assert result["features_ratio_vs_torchmetrics"] == pytest.approx(feats["ours"] / feats["torchmetrics"])
+    assert result["decode_ratio"] == pytest.approx(result["decode_per_s"]["workers_1"] / result["decode_per_s"]["in_process"])
+    assert result["goal"] == {"metric": "features_per_s", "goal": 3000.0, "measured": feats["ours"], "met": None, "comparable": False}
+    assert result["weights"] == "random (timing only)"
+
+
+def test_bad_arguments_are_a_clear_error():
+    with pytest.raises(SystemExit):
+        _load_bench().main(["--images", "1"])
