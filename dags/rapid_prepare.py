@@ -10,7 +10,7 @@ with ``.expand``, so they run in parallel on as many workers as the executor has
 
 * ``rapid link --domain D --partition P ...`` links one chunk of the domain's ``pairs`` partitions
   (``links`` has one partition per ``pairs`` partition). Every committed partition is mapped: one
-  whose pairs and KG are unchanged is a step-cache hit in seconds, and a KG change relinks them
+  whose pairs and KG are unchanged is a step-cache hit (nothing relinked), and a KG change relinks them
   all. At most ``RAPID_LINK_MAX_TASKS`` (64) tasks per domain; past that, each task takes a
   contiguous run of days. A domain with no pairs yet gets no link task and is not prepared;
 * ``rapid kg transe --domain D --preset P`` trains the entity embeddings and moves ``CURRENT``;

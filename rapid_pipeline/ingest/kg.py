@@ -189,7 +189,7 @@ class LineMap:
             self.gaps[file_idx] = rejected_lines.astype(np.int64) - np.arange(1, len(rejected_lines) + 1)
 
     def table(self) -> pa.Table:
-        """(file, gap, k) for the ASOF join of sql/ingest_kg_triples.sql: per distinct gap of a file, k = the
+        """(file, gap, k) for the ASOF join of sql/ingest_kg_firsts.sql: per distinct gap of a file, k = the
         number of its gaps <= that gap (the lines skipped before any row above it)."""
         parts = [self._file_table(file_idx, gaps) for file_idx, gaps in self.gaps.items()]
         return pa.concat_tables(parts) if parts else self._file_table(0, np.zeros(0, np.int64))
@@ -224,7 +224,7 @@ class Stager:
         self.rejects = pq.ParquetWriter(self.rejects_path, table_schema("quarantine"), compression="lz4")
         self.reasons: dict[str, Counter] = {s: Counter() for s in sources}
         self.staged_by_file: Counter = Counter()
-        self.kept_by_file: Counter = Counter()  # filled from `firsts` once the triples are published
+        self.kept_by_file: Counter = Counter()  # filled from `firsts` by `dedupe`
         self.counts = Counts()
         self.lines = LineMap()
         self.duckdb_files = 0
