@@ -33,7 +33,9 @@ Invariants (what makes two numbers comparable):
   the output; ``rapid serve --fast-sampler`` serves only an accepted one. Rejected is a result (exit 0).
 * Gate: production is ``models/pipeline/<domain>/production`` (a file with the run folder name).
   Promote (atomic rewrite) iff the Fréchet metric is ≤ production + margin (production's report of
-  the same protocol when it has one, else its main report) and CLIP score is
+  the same protocol when it has one, else its main report; a production measured with another
+  sampler, step count, guidance, seed, size or SR is refused, and ``--reevaluate-production``
+  measures it again with the candidate's settings) and CLIP score is
   ≥ production − clip margin; otherwise ``{"decision": "blocked", "reason": ...}`` (exit status 0:
   a blocked build is a result, not an error).
 """
@@ -412,6 +414,18 @@ def comparable(new: dict, prod: dict, against: str = "production") -> str | None
     return None
 
 
+SETUP_KEYS = ("guidance", "seed", "size", "super_resolution")  # what shapes the images, besides the sampler
+
+
+def gate_comparable(new: dict, prod: dict) -> str | None:
+    """`comparable`, and for the gate the same sampling protocol too: a build measured with 4 steps is not
+    judged against a production measured with 50."""
+    why_not = comparable(new, prod)
+    diff = [] if why_not else _protocol_diff(new, prod, ("scheduler", "steps", *SETUP_KEYS), "production")
+    return why_not or (f"refusing to compare: sampling protocols differ ({'; '.join(diff)}) — re-evaluate "
+                       f"production with the same settings" if diff else None)
+
+
 def compare(new: dict, prod: dict, margin: float | None, clip_margin: float) -> tuple[bool, list[str]]:
     """(not worse?, per-metric explanations). Fréchet: lower is better; CLIP score: higher is better."""
     name = new["metric_kind"]["name"]
@@ -449,7 +463,7 @@ def _decide(home: Home, new: dict, prod_run: str | None, margin: float | None, c
     prod = find_metrics_doc(home, new["domain"], prod_run, protocol_of(new))
     if prod is None:
         return {"decision": "blocked", "reason": f"production build {prod_run} has no metrics.json: run `rapid evaluate --model {prod_run}` first"}
-    why_not = comparable(new, prod)
+    why_not = gate_comparable(new, prod)
     if why_not:
         return {"decision": "blocked", "reason": why_not}
     ok, notes = compare(new, prod, margin, clip_margin)
@@ -463,7 +477,7 @@ def ensure_production_evaluated(home: Home, cfg: EvalConfig, new: dict) -> str |
     if prod_run is None or prod_run == new["model_run"]:
         return None
     prod = find_metrics_doc(home, cfg.domain, prod_run, protocol_of(new))
-    if prod is not None and comparable(new, prod) is None:
+    if prod is not None and gate_comparable(new, prod) is None:
         return "comparable"
     prod_dir = pointer.parent / prod_run
     if not (prod_dir / "model_index.json").exists():
@@ -501,13 +515,16 @@ def _side(doc: dict) -> dict:
     return {"scheduler": scheduler, "steps": steps, "metric": name, "value": doc["metrics"].get(name)}
 
 
+def _protocol_diff(new: dict, old: dict, keys: tuple[str, ...], against: str) -> list[str]:
+    a, b = new.get("protocol") or {}, old.get("protocol") or {}
+    return [f"{k}: {a.get(k)!r} vs {against} {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
 def _same_setup(cand: dict, ref: dict) -> str | None:
     """Only the sampler may differ: same build, seeds, guidance, size and super-resolution."""
     if cand.get("model_fingerprint") != ref.get("model_fingerprint"):
         return "refusing to compare: the candidate and the reference are different builds (model fingerprints differ)"
-    keys = ("guidance", "seed", "size", "super_resolution")
-    diff = [f"{k}: {cand['protocol'].get(k)!r} vs reference {ref['protocol'].get(k)!r}" for k in keys
-            if cand["protocol"].get(k) != ref["protocol"].get(k)]
+    diff = _protocol_diff(cand, ref, SETUP_KEYS, "reference")
     return f"refusing to compare: protocols differ beyond the sampler ({'; '.join(diff)})" if diff else None
 
 

@@ -99,7 +99,7 @@ def test_gate_with_injected_values_respects_margins(home):
     assert ev.production_pointer(home, "demo").read_text().strip() == "prod"
 
 
-def test_gate_refuses_incomparable_builds(home, shards):
+def test_gate_refuses_incomparable_builds(home, shards, monkeypatch):
     _, a = _evaluate(home, "a", noise=0.05)
     ev.gate(home, a)
     _, b = _evaluate(home, "b", noise=0.05, samples=8)  # different sample count -> different data fingerprint
@@ -109,6 +109,16 @@ def test_gate_refuses_incomparable_builds(home, shards):
     decision = ev.gate(home, c)
     assert decision["decision"] == "blocked" and "metric kinds differ" in decision["reason"]
     assert ev.production_pointer(home, "demo").read_text().strip() == "a"
+    # the same data and extractor but another sampling protocol (1 step against production's 2): refused,
+    # until production is evaluated with the candidate's protocol too
+    _, d = _evaluate(home, "d", noise=0.05, steps=1)
+    decision = ev.gate(home, d)
+    assert decision["decision"] == "blocked" and "sampling protocols differ (steps: 1 vs production 2)" in decision["reason"]
+    monkeypatch.setattr(ev, "load_pipeline", lambda model_dir, device: StandInPipeline(0.05))
+    monkeypatch.setattr(ev, "_load_clip", lambda home, cfg: tiny_clip_features())
+    assert ev.ensure_production_evaluated(home, _cfg(make_model_dir(home, "demo", "d"), steps=1), d) == "ok"
+    decision = ev.gate(home, d, margin=0.0)
+    assert decision["decision"] == "promoted" and "refusing" not in decision["reason"], decision
 
 
 def test_cli_gate_result_and_clear_errors(home, shards, monkeypatch):
