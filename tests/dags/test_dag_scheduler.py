@@ -181,12 +181,21 @@ def _accepted(r: httpx.Response) -> httpx.Response | None:
     return r
 
 
+def _create_backfill(cluster, body: dict) -> int | None:
+    """The new backfill's id, or None to ask again. On SQLite the api-server may answer 5xx ("database is
+    locked") to a POST that did commit; the retry then gets 409, and the backfill it names is ours."""
+    r = cluster.client.post("/backfills", json=body)
+    if r.status_code == 409 and "already a running backfill" in r.text:
+        running = [b for b in cluster.get("/backfills", dag_id=body["dag_id"])["backfills"] if not b.get("completed_at")]
+        return running[0]["id"] if running else None
+    accepted = _accepted(r)
+    return accepted.json()["id"] if accepted else None
+
+
 def _backfill(cluster, reprocess: str) -> list[dict]:
     body = {"dag_id": "rapid_ingest", "from_date": "2025-01-01T00:00:00Z", "to_date": "2025-01-03T00:00:00Z",
             "reprocess_behavior": reprocess, "max_active_runs": 2}
-    # On SQLite the api-server answers 503 "Database is locked" while the scheduler writes: ask again.
-    r = cluster.wait_for("the backfill to be accepted", lambda: _accepted(cluster.client.post("/backfills", json=body)), every=2)
-    backfill_id = r.json()["id"]
+    backfill_id = cluster.wait_for("the backfill to be accepted", lambda: _create_backfill(cluster, body), every=2)
     cluster.wait_for(f"backfill {backfill_id} to complete",
                      lambda: cluster.get(f"/backfills/{backfill_id}").get("completed_at"), every=2)
     runs = [x for x in cluster.get("/dags/rapid_ingest/dagRuns", limit=50, run_type="backfill")["dag_runs"]]
@@ -200,9 +209,12 @@ def test_a_real_backfill_reingests_exactly_those_days_without_duplicates(cluster
 
     landing = cluster.home / "landing" / "demo"
     invoke(["demo-data", "--out", str(landing), "--start", "2025-01-01", "--days", "2", "--pairs", "8"], home=cluster.home)
-    # Only rapid_ingest is under test: keep its asset events from starting prepare/train on 2 cores.
-    cluster.wait_for("rapid_prepare to pause",
-                     lambda: _accepted(cluster.client.patch("/dags/rapid_prepare", json={"is_paused": True})))
+    # Only rapid_ingest is under test: keep its asset events from starting prepare/train on 2 cores, and the
+    # rapid_evaluate run of the first test (a build that does not exist, retried with backoff) from holding
+    # the executor's two slots.
+    for dag_id in ("rapid_prepare", "rapid_evaluate"):
+        cluster.wait_for(f"{dag_id} to pause",
+                         lambda: _accepted(cluster.client.patch(f"/dags/{dag_id}", json={"is_paused": True})))
     runs = _backfill(cluster, "none")
     assert [(x["logical_date"][:10], x["state"]) for x in runs] == [
         ("2025-01-01", "success"), ("2025-01-02", "success"), ("2025-01-03", "success")], runs
