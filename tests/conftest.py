@@ -26,6 +26,22 @@ def home(tmp_path, monkeypatch):
     return Home.from_env(tmp_path / "rapid_home")
 
 
+@pytest.fixture
+def load_bench():
+    """``load_bench("latency")``: a script of bench/ imported as a module (bench/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"rapid_bench_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "latency.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("rapid_bench_latency", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_tiny_cpu_bench_structure(capsys, tmp_path):
-    bench = _load_bench()
+def test_tiny_cpu_bench_structure(load_bench, capsys, tmp_path):
+    bench = load_bench("latency")
     out_file = tmp_path / "bench.json"
     result = bench.main(["--preset", "tiny", "--device", "cpu", "--steps", "2", "--fast-steps", "2", "--iters", "1",
                          "--warmup", "1", "--throughput-batches", "2", "--variants", "eager,sdpa-math", "--size", "128",
@@ -49,16 +37,16 @@ def test_tiny_cpu_bench_structure(capsys, tmp_path):
     assert any(line.strip().startswith("total_ms") and "goal <= 120.0" in line for line in printed)
 
 
-def test_unknown_variant_is_a_clear_error():
-    bench = _load_bench()
+def test_unknown_variant_is_a_clear_error(load_bench):
+    bench = load_bench("latency")
     with pytest.raises(SystemExit, match="unknown variant"):
         bench.main(["--preset", "tiny", "--device", "cpu", "--variants", "warp-drive", "--throughput-batches"])
 
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_tiny_cuda_bench_with_compile_and_cuda_graphs():
-    bench = _load_bench()
+def test_tiny_cuda_bench_with_compile_and_cuda_graphs(load_bench):
+    bench = load_bench("latency")
     result = bench.main(["--preset", "tiny", "--device", "cuda", "--steps", "4", "--iters", "2", "--warmup", "2",
                          "--throughput-batches", "2", "--variants", "eager,lowp-flash,lowp-flash-inductor-cudagraphs"])
     assert result["device"].startswith("cuda:")
@@ -67,12 +55,12 @@ def test_tiny_cuda_bench_with_compile_and_cuda_graphs():
     assert result["results"]["lowp-flash-inductor-cudagraphs"]["options"]["cuda_graphs"] is True
 
 
-def test_goals_are_judged_only_for_the_paper_setting():
+def test_goals_are_judged_only_for_the_paper_setting(load_bench):
     import argparse
 
     import torch
 
-    bench = _load_bench()
+    bench = load_bench("latency")
     paper = argparse.Namespace(preset="paper", model=None, batch=1, steps=50)
     assert bench.comparable_to_goals(paper, torch.device("cuda"), 1024)
     assert not bench.comparable_to_goals(paper, torch.device("cpu"), 1024)

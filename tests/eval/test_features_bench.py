@@ -3,29 +3,17 @@ streamed Inception sums equal torchmetrics' own on the same batches (random weig
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "features.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("rapid_bench_features", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_cpu_features_bench(capsys, monkeypatch, tmp_path):
+def test_cpu_features_bench(load_bench, capsys, monkeypatch, tmp_path):
     def no_network(*args, **kwargs):
         raise AssertionError("the bench tried to download something")
 
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    bench = _load_bench()
+    bench = load_bench("features")
     result = bench.main(["--device", "cpu", "--images", "6", "--batch-size", "4", "--workers", "1", "--side", "64",
                          "--threads", "1", "--warmup", "1", "--json-out", str(tmp_path / "r.json")])
     printed = capsys.readouterr().out.strip().splitlines()
@@ -39,6 +27,6 @@ def test_cpu_features_bench(capsys, monkeypatch, tmp_path):
     assert result["weights"] == "random (timing only)"
 
 
-def test_bad_arguments_are_a_clear_error():
+def test_bad_arguments_are_a_clear_error(load_bench):
     with pytest.raises(SystemExit):
-        _load_bench().main(["--images", "1"])
+        load_bench("features").main(["--images", "1"])
