@@ -30,7 +30,8 @@ integers), publish 5.3 (kg_triples: 12 columns with three high-entropy ids, 284 
 3-column copy's 78 MB), entities 1.0. Each of the first four phases costs about as much as DuckDB's
 whole copy, so no single fix reaches 0.5 on two cores. Writing every output with DuckDB's
 writer (`core.lake.publish_query`) instead of pyarrow did not change the 5M wall time measurably
-(paired runs of the previous version: 14.6 and 14.9 s).
+(paired runs of this script from a worktree of the previous version, commit f8f73a6: 14.6 and
+14.9 s).
 """
 
 from __future__ import annotations

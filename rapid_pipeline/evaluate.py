@@ -278,7 +278,8 @@ def metrics_doc(inp: Inputs, cfg: EvalConfig, values: dict, run_id: str) -> dict
 
 # ---------------------------------------------------------------- where a protocol's report goes
 REFERENCE_PROTOCOL = (EvalConfig().scheduler, EvalConfig().steps)  # ("pndm", 50): what the paper's FID uses
-KEPT_ON_REPUBLISH = ("protocols", FAST_SAMPLER_FILE)  # results of their own, not of the metrics.json replaced
+PROTOCOLS_DIR = "protocols"  # <run>/protocols/<slug>/: reports of protocols other than the main one
+KEPT_ON_REPUBLISH = (PROTOCOLS_DIR, FAST_SAMPLER_FILE)  # results of their own, not of the metrics.json replaced
 
 
 def protocol_of(doc: dict) -> tuple[str, int] | None:
@@ -303,7 +304,11 @@ def report_dir(home: Home, domain: str, run: str, scheduler: str, steps: int) ->
     held = load_metrics_doc(home, domain, run)
     if (scheduler, steps) == REFERENCE_PROTOCOL or held is None or protocol_of(held) == (scheduler, steps):
         return own
-    return own / "protocols" / protocol_slug(scheduler, steps)
+    return protocol_report_dir(own, scheduler, steps)
+
+
+def protocol_report_dir(main: Path, scheduler: str, steps: int) -> Path:
+    return main / PROTOCOLS_DIR / protocol_slug(scheduler, steps)
 
 
 def eval_partition(run: str, scheduler: str, steps: int) -> str:
@@ -395,7 +400,7 @@ def find_metrics_doc(home: Home, domain: str, run: str, protocol: tuple[str, int
     held = load_metrics_doc(home, domain, run)
     if protocol is None or (held is not None and protocol_of(held) == protocol):
         return held
-    path = home.reports / domain / run / "protocols" / protocol_slug(*protocol) / "metrics.json"
+    path = protocol_report_dir(main_report_dir(home, domain, run), *protocol) / "metrics.json"
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else held
 
 
