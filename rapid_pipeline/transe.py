@@ -52,6 +52,7 @@ from .core.fingerprint import fingerprint_obj, fingerprint_path
 from .core.home import Home, check_name
 from .core.progress import bar
 from .core.stage import DatasetRef, StageReport, StageResult, run_stage
+from .ingest.kg import stable_id
 
 # torch_max_mem warns on every CPU evaluation that only CUDA is "safe" for its batch-size search: noise here.
 logging.getLogger("torch_max_mem").setLevel(logging.ERROR)
@@ -109,24 +110,28 @@ class Graph:
     triples: np.ndarray  # int64 [n, 3]
 
 
-def _sorted_unique(*arrays) -> pa.Array:
-    values = pa.chunked_array([a for arr in arrays for a in (arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr])],
-                              type=pa.string())
-    return pc.unique(values).sort()
+def _id_table(home: Home, domain: str, table: str, id_col: str, prefix: str, names: list[pa.ChunkedArray]) -> pa.Table:
+    """(id, name) of `table` sorted by id; names the triples use that the table lacks get their stable id too."""
+    known = lake.read_table(home, table, domain, [id_col, "name"])
+    used = pc.unique(pa.chunked_array([c for arr in names for c in arr.chunks], type=pa.string()))
+    missing = pc.filter(used, pc.invert(pc.is_in(used, value_set=known["name"]))).to_pylist()
+    extra = pa.table({id_col: [stable_id(prefix, domain, n) for n in missing], "name": pa.array(missing, pa.string())})
+    return pa.concat_tables([known, extra.cast(known.schema)]).sort_by(id_col)
 
 
-def _codes(values: pa.ChunkedArray, universe: pa.Array) -> np.ndarray:
-    return pc.index_in(values, value_set=universe).to_numpy(zero_copy_only=False).astype(np.int64)
+def _codes(names: pa.ChunkedArray, universe: pa.Table) -> np.ndarray:
+    return pc.index_in(names, value_set=universe["name"]).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def load_graph(home: Home, domain: str) -> Graph:
-    """All triples of the domain, integer-coded (the entity universe also holds triple-less entities)."""
-    tri = lake.read_table(home, "kg_triples", domain, ["head_id", "relation_id", "tail_id"])
-    ents = _sorted_unique(lake.read_table(home, "kg_entities", domain, ["entity_id"])["entity_id"],
-                          tri["head_id"], tri["tail_id"])
-    rels = _sorted_unique(lake.read_table(home, "kg_relations", domain, ["relation_id"])["relation_id"], tri["relation_id"])
-    triples = np.stack([_codes(tri["head_id"], ents), _codes(tri["relation_id"], rels), _codes(tri["tail_id"], ents)], 1)
-    return Graph(ents, rels, triples.reshape(-1, 3))
+    """All triples of the domain, integer-coded by id order (the entity universe also holds triple-less entities).
+
+    kg_triples holds names; kg_entities / kg_relations map them to ids (one row per name)."""
+    tri = lake.read_table(home, "kg_triples", domain, ["head", "relation", "tail"])
+    ents = _id_table(home, domain, "kg_entities", "entity_id", "e", [tri["head"], tri["tail"]])
+    rels = _id_table(home, domain, "kg_relations", "relation_id", "r", [tri["relation"]])
+    triples = np.stack([_codes(tri["head"], ents), _codes(tri["relation"], rels), _codes(tri["tail"], ents)], 1)
+    return Graph(ents["entity_id"].combine_chunks(), rels["relation_id"].combine_chunks(), triples.reshape(-1, 3))
 
 
 def linked_entities(home: Home, domain: str) -> pa.Array:

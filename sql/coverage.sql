@@ -31,12 +31,12 @@ SELECT l.domain, l.entity_id, any_value(e.name) AS name, count(*) AS mentions, c
 FROM coverage_links l LEFT JOIN kg_entities e ON e.domain = l.domain AND e.entity_id = l.entity_id
 GROUP BY l.domain, l.entity_id;
 
--- 3. relation frequency: KG relations touching the linked entities
+-- 3. relation frequency: KG relations touching the linked entities (kg_triples holds names; kg_entities the ids)
 CREATE OR REPLACE TEMP VIEW coverage_relations AS
-SELECT t.domain, t.relation, count(*) AS triples, count(DISTINCT t.head_id) AS linked_heads
-FROM kg_triples t
+SELECT t.domain, t.relation, count(*) AS triples, count(DISTINCT e.entity_id) AS linked_heads
+FROM kg_triples t JOIN kg_entities e ON e.domain = t.domain AND e.name = t.head
 WHERE (getvariable('domain') IS NULL OR t.domain = getvariable('domain'))
-  AND t.head_id IN (SELECT entity_id FROM coverage_links)
+  AND e.entity_id IN (SELECT entity_id FROM coverage_links)
 GROUP BY t.domain, t.relation;
 
 -- 4. captions with no entity

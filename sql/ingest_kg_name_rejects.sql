@@ -1,7 +1,9 @@
--- ingest kg: valid staged rows with a name that normalisation rejected (too long, empty after
--- cleaning), with the reason of each end; the few bad names are the build side, so this is one cheap scan.
-WITH bad AS (SELECT raw, reason FROM changed WHERE reason IS NOT NULL)
-SELECT s.ord, s.h, s.r, s.t, bh.reason AS head_reason, br.reason AS relation_reason, bt.reason AS tail_reason
-FROM staged s LEFT JOIN bad bh ON s.h = bh.raw LEFT JOIN bad br ON s.r = br.raw LEFT JOIN bad bt ON s.t = bt.raw
-WHERE s.bad IS NULL AND (bh.reason IS NOT NULL OR br.reason IS NOT NULL OR bt.reason IS NOT NULL)
-ORDER BY s.ord
+-- ingest kg: data rows (not already in `skip`) with a name that normalisation rejected (too long, empty after
+-- cleaning), with the reason of each end, in input order. {hit} tests the three names against the few rejected
+-- ones (a constant list when there are few, else a semi-join), so the one scan of `staged` stays cheap.
+WITH bad AS (SELECT raw, reason FROM changed WHERE reason IS NOT NULL),
+hit AS (SELECT f, rid, pos, h, r, t FROM staged WHERE {hit})
+SELECT s.f, s.rid, s.pos, s.h, s.r, s.t, bh.reason AS head_reason, br.reason AS relation_reason, bt.reason AS tail_reason
+FROM hit s LEFT JOIN bad bh ON s.h = bh.raw LEFT JOIN bad br ON s.r = br.raw LEFT JOIN bad bt ON s.t = bt.raw
+WHERE NOT EXISTS (SELECT 1 FROM skip k WHERE k.f = s.f AND k.rid = s.rid)
+ORDER BY s.f, s.rid

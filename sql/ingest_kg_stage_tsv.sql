@@ -1,20 +1,17 @@
--- ingest kg: stage one plain TSV file through DuckDB's own CSV reader (kg_readers.tsv_layout proved it
--- safe). Each line is one VARCHAR row: the delimiter \x01 does not occur in the file and quoting and
--- comments are off, so blank lines stay rows (NULL) and row_number() OVER () — which keeps file order —
--- numbers every line DuckDB did not reject. Rejected lines (invalid UTF-8) go to table kg_rejects with
--- their line number; kg.py maps row numbers back to file lines. `bad` marks rows that are not data
--- (header, blank) or are rejects (NUL byte, wrong column count: `raw` keeps their line).
-INSERT INTO staged
-SELECT f[$h] AS h, f[$r] AS r, f[$t] AS t, ($file::BIGINT << 40) | rn AS ord, bad,
-       CASE WHEN bad IN ('nul_byte', 'column_count') THEN line END AS raw
+-- ingest kg: stage one plain TSV file into table {table} with DuckDB's own parallel reader (kg_readers.tsv_layout
+-- proved it safe; rapid_pipeline/ingest/kg_stage.py explains the rest). One row per line, in file order, except the
+-- lines DuckDB rejects (invalid UTF-8, two fields too many or more: table kg_rejects, with their line) and blank
+-- lines. The columns are c0..c<width>, one more than a line should have, so a line with one field too many still
+-- gives a row; missing fields are NULL (null_padding) and, as the NULL string $nul is a NUL byte, an empty field is
+-- ''. `bad` flags the rows that are not clean data: a missing field, the extra field, or (only checked when the file
+-- holds one, $check_nul) a NUL byte; `raw` is such a row's line again (its fields joined by tabs; exact unless the
+-- file holds a NUL byte, and then kg_stage.py reads the line from the file instead). `k` is the triple's 64-bit hash
+-- for the dedupe (computed here, in the parallel read, once).
+CREATE TABLE {table} AS
+SELECT h, r, t, hash(h, r, t) AS k, bad, CASE WHEN bad THEN concat_ws(chr(9), {fields}) END AS raw
 FROM (
-    SELECT rn, line, f,
-           CASE WHEN rn = 1 AND $skip_first THEN 'header' WHEN line IS NULL THEN 'blank'
-                WHEN contains(line, chr(0)) THEN 'nul_byte' WHEN len(f) <> $width THEN 'column_count' END AS bad
-    FROM (
-        SELECT row_number() OVER () AS rn, line, string_split(line, chr(9)) AS f
-        FROM read_csv($path, columns = {'line': 'VARCHAR'}, delim = chr(1), quote = '', escape = '', comment = '',
-                      header = false, auto_detect = false, strict_mode = true, new_line = '\n', all_varchar = true,
-                      store_rejects = true, rejects_table = 'kg_rejects', rejects_scan = 'kg_reject_scans')
-    )
+    SELECT {h} AS h, {r} AS r, {t} AS t, {bad} AS bad, {fields}
+    FROM read_csv($path, columns = {{{columns}}}, delim = chr(9), quote = '', escape = '', comment = '', header = false,
+                  auto_detect = false, strict_mode = true, null_padding = true, nullstr = $nul, new_line = '\n',
+                  store_rejects = true, rejects_table = 'kg_rejects', rejects_scan = 'kg_reject_scans')
 )

@@ -1,10 +1,9 @@
--- ingest kg: the kg_triples partition (schemas/kg_triples.json, columns in order) in input order, for
--- DuckDB's own Parquet writer (core.lake.publish_query). `triple_rows` is kg.py's Arrow stream of
--- `firsts` (sorted by ord = file index << 40 | file line) with the names and ids looked up by position
--- in the canon arrays: a scan keeps its order, where a hash join would scramble it and the wide rows
--- would need sorting again. Used when the run has at most --name-cache names;
--- sql/ingest_kg_triples_join.sql otherwise.
-SELECT $domain AS domain, $partition AS partition, head_id, relation_id, tail_id, head, relation, tail,
-       head_simplified, tail_simplified,
-       list_extract($sources, (ord >> 40)::INTEGER + 1) AS source_file, ord & 1099511627775 AS source_pos
-FROM triple_rows
+-- ingest kg: the rows of one input file for its kg_triples file (schemas/kg_triples.json, columns in order), in
+-- file order: a plain scan of table {table}, which keeps its order (a join would not). {pos} is the row's line:
+-- kg.py's `rapid_line(rowid)` for a DuckDB-read file (NULL for a skipped row), else the `pos` column (set to NULL for
+-- skipped rows first). The constant columns are ENUM values (type kg_consts), which DuckDB's Parquet writer stores
+-- as dictionary strings without hashing every row.
+SELECT $domain::kg_consts AS domain, $partition::kg_consts AS partition, h AS head, r AS relation, t AS tail,
+       $source::kg_consts AS source_file, source_pos
+FROM (SELECT h, r, t, {pos} AS source_pos FROM {table})
+WHERE source_pos IS NOT NULL

@@ -8,18 +8,19 @@ SELECT domain, partition, pair_id, caption_raw, caption, caption_simplified, ima
 FROM pairs
 QUALIFY row_number() OVER (PARTITION BY domain, pair_id ORDER BY partition, source_file, source_pos) = 1;
 
--- Triples as readable facts, each distinct fact once (earliest partition), with entity degrees.
+-- Triples as facts with their ids, each distinct fact once (earliest partition), with entity degrees. kg_triples
+-- holds names (the keys); ids and degrees come from kg_entities / kg_relations (one row per name and domain).
 CREATE OR REPLACE VIEW kg_facts AS
 WITH t AS (
     SELECT * FROM kg_triples
-    QUALIFY row_number() OVER (PARTITION BY domain, head_id, relation_id, tail_id ORDER BY partition) = 1
+    QUALIFY row_number() OVER (PARTITION BY domain, head, relation, tail ORDER BY partition, source_file, source_pos) = 1
 )
-SELECT t.domain, t.partition, t.head_id, h.name AS head, t.relation_id, t.relation, coalesce(r.is_alias, false) AS is_alias,
-       t.tail_id, tl.name AS tail, h.degree AS head_degree, tl.degree AS tail_degree, t.source_file, t.source_pos
+SELECT t.domain, t.partition, h.entity_id AS head_id, t.head, r.relation_id, t.relation, coalesce(r.is_alias, false) AS is_alias,
+       tl.entity_id AS tail_id, t.tail, h.degree AS head_degree, tl.degree AS tail_degree, t.source_file, t.source_pos
 FROM t
-LEFT JOIN kg_entities h ON h.domain = t.domain AND h.entity_id = t.head_id
-LEFT JOIN kg_entities tl ON tl.domain = t.domain AND tl.entity_id = t.tail_id
-LEFT JOIN kg_relations r ON r.domain = t.domain AND r.relation_id = t.relation_id;
+LEFT JOIN kg_entities h ON h.domain = t.domain AND h.name = t.head
+LEFT JOIN kg_entities tl ON tl.domain = t.domain AND tl.name = t.tail
+LEFT JOIN kg_relations r ON r.domain = t.domain AND r.name = t.relation;
 
 -- One row per (stage, domain, ingest partition): the '*' total rows of ingest_stats.
 CREATE OR REPLACE VIEW ingest_summary AS

@@ -2,9 +2,9 @@
 
 `publish_table` is the one way a stage writes a table partition from Arrow: conform to
 ``schemas/<table>.json``, write Parquet in row groups under temporary names, rename each to its content
-hash, then swap the manifest (see `core.atomic`). `publish_query` does the same for the rows of a DuckDB
-query, written by DuckDB's own (parallel) Parquet writer into one file, whose schema is then checked
-against ``schemas/`` from the file footer before the manifest swap. Either way the whole partition is
+hash, then swap the manifest (see `core.atomic`). `publish_query` does the same for the rows of DuckDB
+queries, written by DuckDB's own (parallel) Parquet writer, one file per query, whose schema is then
+checked against ``schemas/`` from the file footer before the manifest swap. Either way the whole partition is
 replaced, so a rerun or a backfill of one partition never duplicates rows. `read_table` reads what the
 manifests list, nothing else.
 """
@@ -59,23 +59,26 @@ def publish_table(home: Home, table_name: str, domain: str, partition: str, tabl
     return DatasetRef("file://" + str(folder), manifest["fingerprint"], manifest["rows"], table_name)
 
 
-def publish_query(home: Home, con, query: str, params: dict, table_name: str, domain: str, partition: str,
-                  stage: str, meta: dict | None = None) -> DatasetRef:
-    """Replace partition (domain, partition) of `table_name` with the rows of DuckDB `query` (bound `params`).
+def publish_query(home: Home, con, query: str | list[tuple[str, dict]], params: dict | None, table_name: str, domain: str,
+                  partition: str, stage: str, meta: dict | None = None) -> DatasetRef:
+    """Replace partition (domain, partition) of `table_name` with the rows of DuckDB `query` (bound `params`), or
+    of each (query, params) of a list, one file each.
 
-    The query must select exactly the schema's columns in order; its ORDER BY fixes the bytes (same rows,
-    same DuckDB version -> same file name). A NULL in a non-nullable column stops the write; a file that
-    does not match ``schemas/`` is deleted and raises `SchemaError`: the previous partition stays what
-    readers see.
+    A query must select exactly the schema's columns in order; its ORDER BY (or a plain scan, which keeps insertion
+    order) fixes the bytes (same rows, same DuckDB version -> same file name). A NULL in a non-nullable column stops
+    the write; a file that does not match ``schemas/`` is deleted and raises `SchemaError`: the previous partition
+    stays what readers see.
     """
     folder = home.partition_dir(table_name, domain, partition)
     folder.mkdir(parents=True, exist_ok=True)
     fault_point(stage, "start_write")
-    tmp = atomic.temp_path(folder, ".parquet")
-    rows = _copy_checked(con, query, params, tmp, table_name)
-    entry = atomic.finalize_file(tmp, folder, rows, ".parquet")
+    entries = []
+    for q, p in ([(query, params)] if isinstance(query, str) else query):
+        tmp = atomic.temp_path(folder, ".parquet")
+        rows = _copy_checked(con, q, p, tmp, table_name)
+        entries.append(atomic.finalize_file(tmp, folder, rows, ".parquet"))
     fault_point(stage, "mid_write")
-    manifest = atomic.commit_manifest(folder, [entry], {"table": table_name, "domain": domain, "partition": partition, **(meta or {})}, stage)
+    manifest = atomic.commit_manifest(folder, entries, {"table": table_name, "domain": domain, "partition": partition, **(meta or {})}, stage)
     fault_point(stage, "end_write")
     return DatasetRef("file://" + str(folder), manifest["fingerprint"], manifest["rows"], table_name)
 

@@ -63,9 +63,38 @@ def clean(raw: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _converter():
-    from opencc import OpenCC
+    from opencc import OpenCC  # the official OpenCC (C++), not a pure-Python port: ~2 us per name
 
     return OpenCC("t2s")
+
+
+@functools.lru_cache(maxsize=1)
+def t2s_entries() -> tuple[tuple[str, str], ...]:
+    """(key, first value) of every dictionary OpenCC's t2s config uses (normalisation and conversion chain).
+
+    The wheel ships them as binary ``.ocd2`` files; its own ``opencc_dict`` tool exports them to text (once per
+    process, a few milliseconds), so the fast path below is derived from exactly the dictionaries that convert.
+    """
+    import json
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import opencc
+
+    clib = Path(opencc.__file__).parent / "clib"
+    share, tool = clib / "share" / "opencc", clib / "bin" / "opencc_dict"
+    files = re.findall(r'"file":\s*"([^"]+\.ocd2)"', json.dumps(json.loads((share / "t2s.json").read_text())))
+    entries = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in files:
+            out = Path(tmp) / (name + ".txt")
+            subprocess.run([str(tool), "-i", str(share / name), "-o", str(out), "-f", "ocd2", "-t", "text"], check=True,
+                           capture_output=True)
+            for line in out.read_text(encoding="utf-8").splitlines():
+                key, _, values = line.partition("\t")
+                entries.append((key, values.split(" ")[0]))
+    return tuple(entries)
 
 
 @functools.lru_cache(maxsize=1)
@@ -74,28 +103,27 @@ def _traditional_chars() -> frozenset[str]:
 
     (A matching entry that changes nothing leaves the text as it is, so only changed positions matter.)
     """
-    from pathlib import Path
-
-    import opencc
-
-    folder = Path(opencc.__file__).parent / "dictionary"
     chars: set[str] = set()
-    for name in ("TSPhrases.txt", "TSCharacters.txt"):
-        for line in (folder / name).read_text(encoding="utf-8").splitlines():
-            key, _, values = line.partition("\t")
-            value = values.split(" ")[0]
-            changed = set(key) if len(key) != len(value) else {k for k, v in zip(key, value) if k != v}
-            chars.update(changed)
+    for key, value in t2s_entries():
+        chars.update(set(key) if len(key) != len(value) else {k for k, v in zip(key, value) if k != v})
     return frozenset(chars)
 
 
 @functools.lru_cache(maxsize=1 << 16)
 def to_simplified(text: str) -> str:
-    # Why the check: the installed OpenCC is pure Python and converts character by character; text
-    # with no character it can change is returned as is (identical output, no conversion cost).
+    # Why the check: most text has no character t2s can change; it is returned as is (identical output,
+    # no call into OpenCC).
     if _traditional_chars().isdisjoint(text):
         return text
     return _converter().convert(text)
+
+
+def to_simplified_many(texts: list[str]) -> list[str]:
+    """`to_simplified` of each of `texts` (none holding a newline), in one call into OpenCC: no dictionary entry spans
+    a newline, so converting the texts joined by newlines converts each on its own."""
+    if not texts:
+        return []
+    return _converter().convert("\n".join(texts)).split("\n")
 
 
 def normalize(raw: str, max_chars: int | None = None, convert: bool = True) -> Normalized:

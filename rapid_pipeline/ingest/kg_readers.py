@@ -13,10 +13,9 @@ Invariants:
   whose statements span lines).
 
 `tsv_layout` is the pre-scan that lets ``ingest kg`` hand a plain TSV file to DuckDB's own CSV reader
-instead (one whole line per row): it returns None, and the file goes through `read_tsv`, unless
-DuckDB would cut the file into exactly the lines `read_tsv` sees (``\\n`` newlines and no CR, no
-``\\x01`` — the delimiter that keeps each line whole —, no BOM, not compressed). Its line count lets
-the caller reconcile DuckDB's rows + rejects against the file.
+instead (`kg_stage`): it returns None, and the file goes through `read_tsv`, unless DuckDB would cut
+the file into exactly the lines `read_tsv` sees (``\\n`` newlines and no CR, no BOM, not compressed).
+Its line count lets the caller reconcile DuckDB's rows + rejects against the file.
 """
 
 from __future__ import annotations
@@ -183,8 +182,9 @@ class TsvLayout:
     cols: tuple[int, int, int]  # 0-based field index of head, relation, tail
     width: int                  # fields every data line must have
     header: bool                # line 1 is a header, not data
-    first_valid: bool           # line 1 is strict UTF-8 (else DuckDB rejects it and its row 1 is line 2)
+    first_valid: bool           # line 1 is strict UTF-8 (else DuckDB rejects it and its row 0 is line 2)
     lines: int                  # physical lines (a last line without newline counts)
+    nul: bool                   # the file holds a NUL byte somewhere
 
 
 def _tsv_header(first: bytes, opts: ReadOptions) -> tuple[bool, tuple[int, int, int], int]:
@@ -198,23 +198,24 @@ def _tsv_header(first: bytes, opts: ReadOptions) -> tuple[bool, tuple[int, int, 
     return header, cols, width
 
 
-def _count_lines(f: IO[bytes], chunk_bytes: int) -> int | None:
-    """Physical lines, or None if a CR or \\x01 occurs: C-speed bytes scans, one chunk in memory.
+def _count_lines(f: IO[bytes], chunk_bytes: int) -> tuple[int, bool] | None:
+    """(physical lines, holds a NUL byte), or None if a CR occurs: C-speed bytes scans, one chunk in memory.
 
     Why refuse CR: DuckDB 2.0's reader (strict, ``new_line='\\n'``) stops on a CR in a line, and its
     CRLF mode mis-splits lines; such files go to `read_tsv`, which strips CRs itself.
     """
-    lines, last = 0, b"\n"
+    lines, last, nul = 0, b"\n", False
     while block := f.read(chunk_bytes):
-        if b"\r" in block or b"\x01" in block:
+        if b"\r" in block:
             return None
+        nul = nul or b"\x00" in block
         lines += block.count(b"\n")
         last = block[-1:]
-    return lines + (last != b"\n")
+    return lines + (last != b"\n"), nul
 
 
 def tsv_layout(path: Path, opts: ReadOptions) -> TsvLayout | None:
-    """How DuckDB can read `path` as whole lines, or None when only `read_tsv` reads it exactly (see module doc)."""
+    """How DuckDB can read `path` line by line, or None when only `read_tsv` reads it exactly (see module doc)."""
     if detect_format(path, opts.format) != "tsv" or path.suffix in (".gz", ".bz2"):
         return None
     with open(path, "rb") as f:
@@ -223,8 +224,8 @@ def tsv_layout(path: Path, opts: ReadOptions) -> TsvLayout | None:
             return None
         header, cols, width = _tsv_header(first, opts)
         f.seek(0)
-        lines = _count_lines(f, opts.chunk_bytes)
-    return None if lines is None else TsvLayout(cols, width, header, is_utf8(first), lines)
+        scan = _count_lines(f, opts.chunk_bytes)
+    return None if scan is None else TsvLayout(cols, width, header, is_utf8(first), *scan)
 
 
 def is_utf8(line: bytes) -> bool:

@@ -284,12 +284,11 @@ def test_normalize_examples():
 
 
 def test_to_simplified_fast_path_is_exact():
-    from pathlib import Path
+    from rapid_pipeline.core.text import t2s_entries
 
-    import opencc
-
-    phrases = (Path(opencc.__file__).parent / "dictionary" / "TSPhrases.txt").read_text(encoding="utf-8").splitlines()
-    samples = [line.split("\t")[0] for line in phrases[::7]] + ["反覆", "一目瞭然", "计算机", "北京", "ABC", "乾隆"]
+    entries = t2s_entries()
+    assert len(entries) > 1000 and ("電", "电") in entries
+    samples = [key for key, _ in entries[::7]] + ["反覆", "一目瞭然", "计算机", "北京", "ABC", "乾隆"]
     samples += [chr(cp) for cp in range(0x4E00, 0x9FA6, 5)]
     for s in samples:
         assert to_simplified(s) == _converter().convert(s), s

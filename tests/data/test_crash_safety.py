@@ -113,7 +113,7 @@ def test_concurrent_runs_of_one_partition_do_not_duplicate(home, tmp_path):
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
     triples = lake.read_table(home, "kg_triples", "demo").to_pylist()
-    keys = [(t["partition"], t["head_id"], t["relation_id"], t["tail_id"]) for t in triples]
+    keys = [(t["partition"], t["head"], t["relation"], t["tail"]) for t in triples]
     assert len(keys) == len(set(keys)) == 52
     # the entity rebuilds of the two partitions serialised: both partitions are in kg_entities
     names = {r["name"] for r in lake.read_table(home, "kg_entities", "demo").to_pylist()}

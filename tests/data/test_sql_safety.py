@@ -76,9 +76,9 @@ def test_sqlsafe_refuses_unknown_or_malformed_tables(bad):
 
 def test_sqlsafe_accepts_declared_names():
     assert sqlsafe.table_ident("kg_triples") == '"kg_triples"'
-    assert sqlsafe.column_ident("kg_triples", "head_id") == '"head_id"'
+    assert sqlsafe.column_ident("kg_triples", "head") == '"head"'
     with pytest.raises(sqlsafe.UnsafeIdentifier):
-        sqlsafe.column_ident("kg_triples", 'head_id" OR 1=1 --')
+        sqlsafe.column_ident("kg_triples", 'head" OR 1=1 --')
 
 
 def test_lineage_cli_refuses_hostile_table(seeded):

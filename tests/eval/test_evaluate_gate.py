@@ -189,10 +189,15 @@ def test_generated_image_does_not_depend_on_generation_batch():
 
     from rapid_pipeline.pipeline import build_random_pipeline
 
+    import numpy as np
+
     pipe = build_random_pipeline("tiny", seed=0)
     prompts = ["一个红色的方块", "一个蓝色的方块", "一个绿色的方块"]
-    one, _ = ev.generate_images(pipe, prompts, ev.EvalConfig(steps=2, gen_batch=1, super_resolution=False))
-    three, _ = ev.generate_images(pipe, prompts, ev.EvalConfig(steps=2, gen_batch=3, super_resolution=False))
-    assert one.shape == (3, 3, 299, 299)
-    assert (one.int() - three.int()).abs().max() <= 1  # uint8 rounding of float noise at most
+    one, full_one = ev.generate_images(pipe, prompts, ev.EvalConfig(steps=2, gen_batch=1, super_resolution=False, grid=3))
+    three, full_three = ev.generate_images(pipe, prompts, ev.EvalConfig(steps=2, gen_batch=3, super_resolution=False, grid=3))
+    assert one.shape == (3, 3, 299, 299) and len(full_one) == len(full_three) == 3
+    # The generated images themselves (not their bicubic 299 px copies, whose overshoot can turn a 1-level
+    # difference into 2 on some CPUs): uint8 rounding of float noise at most.
+    diff = max(np.abs(np.asarray(a, np.int32) - np.asarray(b, np.int32)).max() for a, b in zip(full_one, full_three))
+    assert diff <= 1
     assert not torch.equal(one[0], one[1])

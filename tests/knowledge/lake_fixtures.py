@@ -23,10 +23,9 @@ def triples_table(domain: str, partition: str) -> pa.Table:
     facts = [("草莓", "颜色", "红色"), ("草莓", "形状", "心形"), ("香蕉", "颜色", "黄色"), ("苹果", "颜色", "红色"), ("葡萄", "颜色", "紫色")]
     n = len(facts)
     return pa.table({
-        "domain": [domain] * n, "partition": [partition] * n,
-        "head_id": [entity_id(h) for h, _, _ in facts], "relation_id": ["r_" + r for _, r, _ in facts],
-        "tail_id": [entity_id(t) for _, _, t in facts], "head": [h for h, _, _ in facts], "relation": [r for _, r, _ in facts],
-        "tail": [t for _, _, t in facts], "head_simplified": [h for h, _, _ in facts], "tail_simplified": [t for _, _, t in facts], "source_file": ["kg.tsv"] * n, "source_pos": list(range(n)),
+        "domain": [domain] * n, "partition": [partition] * n, "head": [h for h, _, _ in facts],
+        "relation": [r for _, r, _ in facts], "tail": [t for _, _, t in facts], "source_file": ["kg.tsv"] * n,
+        "source_pos": list(range(1, n + 1)),
     })
 
 

@@ -77,11 +77,8 @@ def publish_kg(home, domain: str, triples, partition: str = "manual") -> None:
         "domain": [domain] * len(rels), "relation_id": [relation_id(domain, r) for r in rels], "name": rels}), "test")
     n = len(triples)
     lake.publish_table(home, "kg_triples", domain, partition, lake_table("kg_triples", {
-        "domain": [domain] * n, "partition": [partition] * n,
-        "head_id": [entity_id(domain, h) for h, _, _ in triples], "relation_id": [relation_id(domain, r) for _, r, _ in triples],
-        "tail_id": [entity_id(domain, t) for _, _, t in triples], "head": [h for h, _, _ in triples],
+        "domain": [domain] * n, "partition": [partition] * n, "head": [h for h, _, _ in triples],
         "relation": [r for _, r, _ in triples], "tail": [t for _, _, t in triples],
-        "head_simplified": [h for h, _, _ in triples], "tail_simplified": [t for _, _, t in triples],
         "source_file": ["kg.tsv"] * n, "source_pos": list(range(1, n + 1))}), "test")
 
 
