@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 setup:            ## create .venv and install the pinned stack (CPU; torch from the local mirror)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel setuptools
+	$(BIN)/pip uninstall -y -q opencc-python-reimplemented 2>/dev/null || true  # replaced by opencc (same module name)
 	$(BIN)/pip install -q -c constraints.txt -e ".[airflow,dev]"
 
 demo:             ## the main job on the built-in demo domain (tiny preset, CPU)

@@ -16,29 +16,32 @@ Prints both throughputs (triples/s), the ratio (goal >= 0.5), the ingest's peak 
 The ingest runs in a fresh home each time (with --keep, a rerun would otherwise be a step-cache hit).
 
 Measured with --threads 2 on a 2-core machine shared with other jobs (DuckDB's own copy wobbles
-between 1.6 s and 2.7 s at 5M from run to run, so only same-run ratios mean anything):
+between 1.9 s and 2.9 s at 5M from run to run, so only same-run ratios mean anything):
 
-    triples  duckdb_s   ingest_s    ratio        peak RSS
-    1M       0.37-0.59  3.3-3.8     0.11-0.16    0.79 GB
-    5M       1.56-1.94  13.8-15.1   0.11-0.14    1.23 GB   (while a test suite shared the cores: 17.4 and
-                                                             21.7 s against 2.27 and 2.72 s, 0.13 and 0.125)
+    triples  duckdb_s   ingest_s    ratio        peak RSS   kg_triples vs DuckDB's file
+    1M       0.42       1.50-1.61   0.26-0.28    0.43 GB    17 MB vs 14 MB
+    5M       2.0-2.4    5.6-6.7     0.32-0.38    0.82 GB    90 MB vs 78 MB
 
-The goal (>= 0.5) is not reached. Phases of a 5M run (report extra, seconds): stage 2.2 (DuckDB reads
-whole lines, then splits them), names 2.2 (distinct names, Arrow fast path, sha256 ids), dedupe 3.6
-(three string->number joins and one GROUP BY over 5M triples, the ASOF line mapping, a sort of four
-integers), publish 5.3 (kg_triples: 12 columns with three high-entropy ids, 284 MB against the
-3-column copy's 78 MB), entities 1.0. Each of the first four phases costs about as much as DuckDB's
-whole copy, so no single fix reaches 0.5 on two cores. Writing every output with DuckDB's
-writer (`core.lake.publish_query`) instead of pyarrow did not change the 5M wall time measurably
-(paired runs of this script from a worktree of the previous version, commit f8f73a6: 14.6 and
-14.9 s).
+The goal (>= 0.5) is not reached. The version before this one (staging whole lines, ids in kg_triples,
+pure-Python OpenCC) measured 21.2 s against DuckDB's 2.85 s in one run on this machine the same day (0.135).
+Where a 5M run's time goes (``--profile``, cumulative seconds, one run): DuckDB's parallel read into the
+staging table 0.99, the line count and NUL/CR scan 0.19, rejected lines and bad rows read back 0.32 (of
+which 0.2 is pyarrow's first import of pandas), the names 0.91 (two GROUP BYs, then OpenCC on the 5%
+traditional names: 0.25), dedupe 0.26 (NumPy sort of the triple hashes, then a string comparison of the
+repeated ones), kg_triples 1.64 (the rowid -> line UDF itself spends 0.19 in Python), entities and
+relations 0.90 (625,000 ids hashed and sorted, aliases), the input fingerprint 0.15. What is left is each
+pass's own cost: the read, the names GROUP BY, the write and the entity table each cost a fair share of
+DuckDB's whole copy on two cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import json
 import os
+import pstats
 import shutil
 import sys
 import tempfile
@@ -111,7 +114,7 @@ def time_duckdb(tsv: Path, out: Path, threads: int) -> tuple[float, float]:
     return seconds, cpu
 
 
-def time_ingest(tsv: Path, home_dir: Path, threads: int) -> tuple[float, float, dict]:
+def time_ingest(tsv: Path, home_dir: Path, threads: int, profile: bool = False) -> tuple[float, float, dict]:
     from rapid_pipeline.core.home import Home
     from rapid_pipeline.ingest.kg import KGIngestConfig, run
 
@@ -119,9 +122,13 @@ def time_ingest(tsv: Path, home_dir: Path, threads: int) -> tuple[float, float, 
     os.environ["RAPID_OPENLINEAGE"] = "off"
     shutil.rmtree(home_dir, ignore_errors=True)  # a fresh home: with --keep, a rerun must not be a step-cache hit
     home = Home.from_env(home_dir)
+    profiler = cProfile.Profile() if profile else contextlib.nullcontext()
     t0, c0 = time.perf_counter(), time.process_time()
-    report = run(KGIngestConfig(duckdb_threads=threads), home, [tsv], "bench", "manual")
+    with profiler:
+        report = run(KGIngestConfig(duckdb_threads=threads), home, [tsv], "bench", "manual")
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if profile:  # where the time goes, by function (stderr, so stdout stays one JSON object)
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(r"rapid_pipeline|pandas/__init__", 30)
     assert report.status == "ok", report.status
     out = report.to_dict()
     out["kg_triples_mb"] = sum(f.stat().st_size for f in (home_dir / "lake" / "kg_triples").rglob("*.parquet")) / 1e6
@@ -133,6 +140,8 @@ def main() -> None:
     p.add_argument("--triples", type=int, default=5_000_000, help="rows to generate (default 5,000,000)")
     p.add_argument("--threads", type=int, default=2, help="DuckDB threads for both sides (default 2)")
     p.add_argument("--keep", default=None, help="work in this folder and keep it (default: a temp dir, removed)")
+    p.add_argument("--profile", action="store_true", help="run the ingest under cProfile and print its top functions "
+                                                          "to stderr (slows it a little: read the ratio from a plain run)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep or tmp)
@@ -143,7 +152,7 @@ def main() -> None:
         print(f"generated {tsv} ({tsv.stat().st_size / 1e6:.0f} MB, {info}) in {time.perf_counter() - t0:.1f}s", flush=True)
         duck_s, duck_cpu = time_duckdb(tsv, work / "duckdb.parquet", args.threads)
         duck_mb = (work / "duckdb.parquet").stat().st_size / 1e6
-        ours_s, ours_cpu, report = time_ingest(tsv, work / "home", args.threads)
+        ours_s, ours_cpu, report = time_ingest(tsv, work / "home", args.threads, args.profile)
     n = args.triples
     result = {"triples": n, "duckdb_s": round(duck_s, 2), "duckdb_triples_per_s": round(n / duck_s),
               "ingest_s": round(ours_s, 2), "ingest_triples_per_s": round(n / ours_s), "ratio": round(duck_s / ours_s, 3),

@@ -21,11 +21,13 @@ How, in one DuckDB session (``--duckdb-memory``, spilling to a scratch folder):
 1. Stage every input into a table of its own (`kg_stage`: DuckDB's parallel reader for plain TSV,
    the streaming Python readers of `kg_readers` for the rest); rejected lines go to quarantine.
 2. Names (sql/ingest_kg_names.sql): every raw name with its uses as head/tail and as relation, in
-   two GROUP BYs. Those Arrow cannot prove clean go through `core.text.normalize` in Python
-   (table ``changed``). Rows with a rejected name are quarantined; names whose normal form differs
-   are rewritten in place (an UPDATE, only when there are any).
-3. Dedupe (sql/ingest_kg_dups.sql): a hash GROUP BY finds the repeated triples, a string comparison
-   of just those rows keeps the first occurrence. Dropped rows join table ``skip``.
+   two GROUP BYs. Those Arrow cannot prove clean go through `core.text.normalize` in Python; clean
+   ones with a character OpenCC may change are converted in one call (table ``changed``). Rows with
+   a rejected name are quarantined; names whose normal form differs are rewritten in place (an
+   UPDATE, only when there are any).
+3. Dedupe: a NumPy sort of the triples' 64-bit hashes (computed while staging) finds the repeated
+   ones; sql/ingest_kg_dups.sql compares just those rows as strings and keeps the first occurrence.
+   Dropped rows join table ``skip``.
 4. kg_triples (sql/ingest_kg_triples.sql): a plain scan per input in file order, written by DuckDB's
    parallel Parquet writer through `core.lake.publish_query` (schema checked before the manifest
    swap). A DuckDB-read row's line comes from a vectorised Python UDF over its rowid (`LineMap`),
@@ -36,10 +38,10 @@ How, in one DuckDB session (``--duckdb-memory``, spilling to a scratch folder):
 
 Invariants:
 * Bounded memory: rows live in DuckDB (it spills), never in Python beyond one batch; Python holds
-  at most ``--name-cache`` names at once, per DuckDB-read file its gap lines, and the row numbers of
-  the skipped rows (8 bytes each).
-* Every name goes through `core.text.normalize` (or is proven a fixed point of it: ASCII
-  letters/digits/_ and CJK ideographs OpenCC leaves alone).
+  at most ``--name-cache`` names at once, per DuckDB-read file its gap lines, the row numbers of the
+  skipped rows (8 bytes each) and ``KEY_SLICE`` triple hashes at a time.
+* Every name goes through `core.text.normalize` (or is proven a fixed point of its cleaning, ASCII
+  letters/digits/_ and CJK ideographs, and then gets OpenCC's t2s when it holds a character t2s may change).
 * Nothing lost: rows_in == triples_out + quarantined + duplicates (checked by `run_stage`; the
   per-file split is in ``ingest_stats``); every rejected row (bad bytes, NUL, column count, syntax,
   empty or too-long name) is in ``quarantine`` with source file, line and reason.

@@ -10,6 +10,8 @@ view ``staged`` (``f, rid, h, r, t, k, pos``; ``k`` is the triple's 64-bit hash)
   `LineMap` turns a row's ``rowid`` back into its file line (``pos`` is NULL in ``staged``). Missing
   fields are padded with NULL (the NULL string is a NUL byte, which a NUL-free file cannot hold, so an
   empty field stays ``''``); a row with a NULL, a field too many or a NUL byte is flagged ``bad``.
+  Rejected lines are read back at DuckDB's byte position of each (checked: `_lines_at`), else by
+  counting newlines; a bad row's line is its fields joined again (or read back, in a file with NULs).
 * **Python readers** (`kg_readers.read_triples`: TSV that DuckDB cannot read exactly, CSV,
   N-Triples, Turtle, JSONL, compressed) stream batches into ``s<i>`` with their ``pos``.
 
@@ -73,7 +75,7 @@ class FileStage:
     source: str
     duckdb: bool = False     # read by DuckDB (rowid order = line order; `lines` maps rowids to lines)
     rows: int = 0            # rows in table s<i>
-    rows_in: int = 0         # data rows of the file (rows of s<i> + rejected lines - header - bad rows counted once)
+    rows_in: int = 0         # data rows of the file: the rows of s<i> but the header, plus the lines DuckDB rejected
     lines: LineMap | None = None
     reasons: Counter = field(default_factory=Counter)
 

@@ -41,7 +41,7 @@ from ..core.home import Home, check_name
 from ..core.images import ImageLimits, ImageRejected, decode_image
 from ..core.progress import bar
 from ..core.schemas import table_schema
-from ..core.stage import DatasetRef, StageReport, StageResult, run_stage
+from ..core.stage import StageReport, StageResult, run_stage
 from ..core.text import TextRejected, decode_strict, normalize
 from . import side_partition, stats_row, total_row
 from .blobs import put_blob, sync_blobs
