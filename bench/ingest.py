@@ -16,11 +16,12 @@ Prints both throughputs (triples/s), the ratio (goal >= 0.5), the ingest's peak 
 The ingest runs in a fresh home each time (with --keep, a rerun would otherwise be a step-cache hit).
 
 Measured with --threads 2 on a 2-core machine shared with other jobs (DuckDB's own copy wobbles
-between 1.9 s and 2.9 s at 5M from run to run, so only same-run ratios mean anything):
+between 1.9 s and 3.0 s at 5M from run to run, so only same-run ratios mean anything; 8 runs at 5M,
+4 at 1M):
 
     triples  duckdb_s   ingest_s    ratio        peak RSS   kg_triples vs DuckDB's file
-    1M       0.42       1.50-1.61   0.26-0.28    0.43 GB    17 MB vs 14 MB
-    5M       2.0-2.4    5.6-6.7     0.32-0.38    0.82 GB    90 MB vs 78 MB
+    1M       0.42-0.57  1.50-2.35   0.24-0.28    0.43 GB    17 MB vs 14 MB
+    5M       1.9-3.0    5.6-7.6     0.31-0.41    0.82 GB    90 MB vs 78 MB
 
 The goal (>= 0.5) is not reached. The version before this one (staging whole lines, ids in kg_triples,
 pure-Python OpenCC) measured 21.2 s against DuckDB's 2.85 s in one run on this machine the same day (0.135).
