@@ -27,12 +27,12 @@ The goal (>= 0.5) is not reached. The version before this one (staging whole lin
 pure-Python OpenCC) measured 21.2 s against DuckDB's 2.85 s in one run on this machine the same day (0.135).
 Where a 5M run's time goes (``--profile``, cumulative seconds, one run): DuckDB's parallel read into the
 staging table 0.99, the line count and NUL/CR scan 0.19, rejected lines and bad rows read back 0.32 (of
-which 0.2 is pyarrow's first import of pandas), the names 0.91 (two GROUP BYs, then OpenCC on the 5%
-traditional names: 0.25), dedupe 0.26 (NumPy sort of the triple hashes, then a string comparison of the
-repeated ones), kg_triples 1.64 (the rowid -> line UDF itself spends 0.19 in Python), entities and
-relations 0.90 (625,000 ids hashed and sorted, aliases), the input fingerprint 0.15. What is left is each
-pass's own cost: the read, the names GROUP BY, the write and the entity table each cost a fair share of
-DuckDB's whole copy on two cores.
+which 0.2 is pyarrow's first import of pandas), the names 0.91 (two GROUP BYs, then 0.25 normalising in
+Python: regexes, the unclean names one by one, one OpenCC call for the 5% traditional names), dedupe 0.26
+(NumPy sort of the triple hashes, then a string comparison of the repeated ones), kg_triples 1.64 (the
+rowid -> line UDF itself spends 0.19 in Python), entities and relations 0.90 (625,000 ids hashed and
+sorted, aliases), the input fingerprint 0.15. What is left is each pass's own cost: the read, the names
+GROUP BY, the write and the entity table each cost a fair share of DuckDB's whole copy on two cores.
 """
 
 from __future__ import annotations

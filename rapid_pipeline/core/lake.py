@@ -69,6 +69,8 @@ def publish_query(home: Home, con, query: str | list[tuple[str, dict]], params: 
     the write; a file that does not match ``schemas/`` is deleted and raises `SchemaError`: the previous partition
     stays what readers see.
     """
+    if not isinstance(query, str) and params is not None:
+        raise ValueError("publish_query: with a list of (query, params), pass params=None")
     folder = home.partition_dir(table_name, domain, partition)
     folder.mkdir(parents=True, exist_ok=True)
     fault_point(stage, "start_write")
@@ -89,8 +91,7 @@ NULL_GUARD = "is not nullable but has nulls"
 def _copy_checked(con, query: str, params: dict, tmp: Path, table_name: str) -> int:
     """COPY the guarded query to `tmp` and check the file; on any failure `tmp` is gone."""
     try:
-        # Parquet 2 pages: delta-encoded integers and byte arrays, smaller and faster to write than version 1's
-        # plain pages (pyarrow, DuckDB, Spark and polars read them).
+        # Parquet 2 pages: delta encodings for integers and byte arrays (pyarrow, DuckDB, Spark and polars read them).
         con.execute(f"COPY ({_not_null_guard(query, table_name)}) TO '{_quote(tmp)}' (FORMAT parquet, "
                     f"COMPRESSION zstd, COMPRESSION_LEVEL 1, ROW_GROUP_SIZE {ROW_GROUP_ROWS}, PARQUET_VERSION V2)", params)
         return check_parquet(tmp, table_name)

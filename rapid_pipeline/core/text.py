@@ -63,7 +63,7 @@ def clean(raw: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _converter():
-    from opencc import OpenCC  # the official OpenCC (C++), not a pure-Python port: ~2 us per name
+    from opencc import OpenCC  # the official OpenCC (C++ core)
 
     return OpenCC("t2s")
 
@@ -132,4 +132,6 @@ def normalize(raw: str, max_chars: int | None = None, convert: bool = True) -> N
     text = clean(raw)
     if not text:
         raise TextRejected("empty_text")
+    if max_chars is not None and len(text) > max_chars:  # NFKC can lengthen text (U+FDFA is 18 characters)
+        raise TextRejected("too_long", f"{len(text)} > {max_chars} characters after cleaning")
     return Normalized(raw, text, to_simplified(text) if convert else text)

@@ -132,12 +132,12 @@ def _traditional_pattern() -> str:
 
 
 def _normalise_one(raw: str, config: KGIngestConfig) -> tuple[str | None, str | None, str | None]:
+    # `normalize` limits the cleaned name too, so no rejected raw name (too long, or empty) is ever a normal form:
+    # sql/ingest_kg_run_tables.sql relies on that.
     try:
         n = normalize(raw, config.max_name_chars, config.to_simplified)
     except TextRejected as exc:
         return None, None, "empty_field" if exc.reason == "empty_text" else exc.reason
-    if len(n.text) > config.max_name_chars:  # NFKC can lengthen a name; also: no rejected raw name is a normal form
-        return None, None, "too_long"
     return n.text, n.simplified, None
 
 

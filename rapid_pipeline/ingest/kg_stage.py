@@ -241,6 +241,8 @@ def _lines_at(path: Path, hints: list[tuple[int, int]], width: int) -> Iterator[
     with open(path, "rb") as f:
         starts = [_line_start(f, at) for _, at in hints]
         settled = None not in starts and all(a < b for a, b in zip(starts, starts[1:]))
+        # Each line is read twice (check all, then yield): nothing reaches quarantine before every hint is checked,
+        # and no line (up to DuckDB's maximum line size) is held meanwhile.
         if settled and all(_rejected(line, width) for line in _read_at(f, starts)):
             yield from zip((n for n, _ in hints), _read_at(f, starts))
             return

@@ -281,6 +281,8 @@ def test_normalize_examples():
         normalize("a\x00b")
     with pytest.raises(TextRejected, match="too_long"):
         normalize("abcd", max_chars=3)
+    with pytest.raises(TextRejected, match="after cleaning"):
+        normalize("\ufdfa", max_chars=10)  # one character before NFKC, 18 after
 
 
 def test_to_simplified_fast_path_is_exact():

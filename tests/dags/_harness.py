@@ -50,7 +50,9 @@ def run_airflow_script(code: str, env: dict[str, str], timeout: int = 300) -> di
     out = proc.stdout + proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"child exited {proc.returncode}:\n{out[-6000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    # raw_decode reads the one JSON value and ignores what follows: print() writes the text and its newline
+    # separately, and a log line written by another thread in between lands on the same line (seen under load).
+    return json.JSONDecoder().raw_decode(lines[-1][len("RESULT "):])[0]
 
 
 # Shared prelude for dag.test() scripts: fake stage runner (records argv) when FAKE is set.
