@@ -27,6 +27,9 @@ from .stage import DatasetRef
 
 ROWS_PER_FILE = 1_000_000
 ROW_GROUP_ROWS = 122_880  # DuckDB's own default (60 vectors of 2048 rows)
+# DuckDB's Parquet writer options for every lake file it writes. Parquet 2 pages: delta encodings for integers and
+# byte arrays (pyarrow, DuckDB, Spark and polars read them). bench/ingest.py gives raw DuckDB the same options.
+DUCKDB_PARQUET = f"FORMAT parquet, COMPRESSION zstd, COMPRESSION_LEVEL 1, ROW_GROUP_SIZE {ROW_GROUP_ROWS}, PARQUET_VERSION V2"
 
 
 def _write_file(folder: Path, table: pa.Table) -> atomic.FileEntry:
@@ -91,9 +94,7 @@ NULL_GUARD = "is not nullable but has nulls"
 def _copy_checked(con, query: str, params: dict, tmp: Path, table_name: str) -> int:
     """COPY the guarded query to `tmp` and check the file; on any failure `tmp` is gone."""
     try:
-        # Parquet 2 pages: delta encodings for integers and byte arrays (pyarrow, DuckDB, Spark and polars read them).
-        con.execute(f"COPY ({_not_null_guard(query, table_name)}) TO '{_quote(tmp)}' (FORMAT parquet, "
-                    f"COMPRESSION zstd, COMPRESSION_LEVEL 1, ROW_GROUP_SIZE {ROW_GROUP_ROWS}, PARQUET_VERSION V2)", params)
+        con.execute(f"COPY ({_not_null_guard(query, table_name)}) TO '{_quote(tmp)}' ({DUCKDB_PARQUET})", params)
         return check_parquet(tmp, table_name)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)

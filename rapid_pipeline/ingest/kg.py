@@ -30,16 +30,19 @@ How, in one DuckDB session (``--duckdb-memory``, spilling to a scratch folder):
    Dropped rows join table ``skip``.
 4. kg_triples (sql/ingest_kg_triples.sql): a plain scan per input in file order, written by DuckDB's
    parallel Parquet writer through `core.lake.publish_query` (schema checked before the manifest
-   swap). A DuckDB-read row's line comes from a vectorised Python UDF over its rowid (`LineMap`),
-   which also drops the rows in ``skip``.
+   swap). The rows in ``skip`` are dropped by a bit test against a bitstring DuckDB builds from
+   them; a DuckDB-read row's line is its rowid plus the gaps before it (`LineMap.sql`, a binary
+   search written as nested CASEs). Both stay in DuckDB's threads; a Python UDF takes over only
+   for a file past a bitstring's index range or with more than ``MAX_SQL_GAPS`` gaps.
 5. Entities and relations: when this partition is the domain's only one, from the run's own tables
    (name counts less the skipped rows: sql/ingest_kg_run_tables.sql), otherwise from the lake
    (sql/ingest_kg_lake_tables.sql); same rows either way (a test compares the bytes).
 
 Invariants:
 * Bounded memory: rows live in DuckDB (it spills), never in Python beyond one batch; Python holds
-  at most ``--name-cache`` names at once, per DuckDB-read file its gap lines, the row numbers of the
-  skipped rows (8 bytes each) and ``KEY_SLICE`` triple hashes at a time.
+  at most ``--name-cache`` names at once, per DuckDB-read file its gap lines, and ``KEY_SLICE`` triple
+  hashes at a time (plus, only on the UDF path of step 4, a file's skipped rowids, 8 bytes each).
+  DuckDB holds one bit per row of a file for its skip bitstring.
 * Every name goes through `core.text.normalize` (or is proven a fixed point of its cleaning, ASCII
   letters/digits/_ and CJK ideographs, and then gets OpenCC's t2s when it holds a character t2s may change).
 * Nothing lost: rows_in == triples_out + quarantined + duplicates (checked by `run_stage`; the
@@ -55,6 +58,7 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import itertools
 import math
 import resource
 import shutil
@@ -77,12 +81,13 @@ from ..core.stage import DatasetRef, StageReport, StageResult, run_stage
 from ..core.text import TextRejected, normalize, to_simplified_many
 from . import side_partition, stats_row, total_row
 from .kg_readers import ReadOptions, Reject
-from .kg_stage import REJECT_ROWS, FileStage, LineMap, RejectSink, Stager
+from .kg_stage import REJECT_ROWS, FileStage, RejectSink, Stager
 
 STAGE = "ingest_kg"
 ALIASES = ("别名", "又称", "中文名", "英文名", "简称", "外文名")
 MAX_LISTED_NAMES = 1000  # rejected names tested as a constant list (one cheap scan); more: a semi-join
 KEY_SLICE = 1 << 24  # triple hashes sorted in NumPy at a time (128 MB)
+MAX_BITSTRING_ROWS = (1 << 31) - 1  # DuckDB's get_bit takes an INTEGER index
 
 
 @dataclass(frozen=True)
@@ -245,50 +250,55 @@ def publish_triples(home: Home, con, stager: Stager) -> tuple[DatasetRef, dict[i
     files, domain, partition = stager.files, stager.sink.domain, stager.sink.partition
     consts = [domain, partition, *(f.source for f in files)]
     con.execute("CREATE TYPE kg_consts AS ENUM (SELECT DISTINCT unnest($v) ORDER BY 1)", {"v": consts})
-    skipped = _skipped_rows(con, len(files))
-    queries = [(_triples_query(con, f, skipped[f.index]), {"domain": domain, "partition": partition, "source": f.source})
+    skipped = dict(con.execute("SELECT f, count(*) FROM skip GROUP BY f").fetchall())
+    queries = [(_triples_query(con, f, skipped.get(f.index, 0)), {"domain": domain, "partition": partition, "source": f.source})
                for f in files]
     try:
         ref = lake.publish_query(home, con, queries, None, "kg_triples", domain, partition, stage=STAGE)
     finally:
-        for f in files:
+        for f, name in itertools.product(files, ("rapid_keep", "rapid_line")):
             with contextlib.suppress(duckdb.Error):
-                con.remove_function(f"rapid_line_{f.index}")
-    return ref, {f.index: f.rows - len(skipped[f.index]) for f in files}
+                con.remove_function(f"{name}_{f.index}")
+        for f in files:
+            con.execute(f"RESET VARIABLE rapid_skip_{f.index}")
+    return ref, {f.index: f.rows - skipped.get(f.index, 0) for f in files}
 
 
-def _skipped_rows(con, n_files: int) -> list[np.ndarray]:
-    """Sorted rowids of the skipped rows of each file."""
-    got = con.sql("SELECT f, rid FROM skip ORDER BY f, rid").fetchnumpy()
-    bounds = np.searchsorted(got["f"], np.arange(n_files + 1))
-    return [got["rid"][bounds[i]:bounds[i + 1]].astype(np.int64) for i in range(n_files)]
+def _triples_query(con, file: FileStage, skipped: int) -> str:
+    """One file's kg_triples SELECT (sql/ingest_kg_triples.sql): the rows not in ``skip``, each with its line.
+
+    Usually all SQL: the skipped rows are a bitstring over rowids (variable ``rapid_skip_<i>``, built by DuckDB from
+    ``skip``) and a DuckDB-read row's line is `LineMap.sql`. A file with more rows than a bitstring index reaches, or
+    more gaps than ``MAX_SQL_GAPS``, gets a Python UDF for that part instead (`keep_udf`, `LineMap.lines`)."""
+    keep, pos = "true", (file.lines.sql() if file.duckdb else "pos")
+    if skipped and file.rows <= MAX_BITSTRING_ROWS:
+        con.execute(f"SET VARIABLE rapid_skip_{file.index} = (SELECT bitstring_agg(rid, 0::BIGINT, $last::BIGINT) "
+                    "FROM skip WHERE f = $f)", {"last": file.rows - 1, "f": file.index})
+        keep = f"get_bit(getvariable('rapid_skip_{file.index}'), rowid::INTEGER) = 0"
+    elif skipped:
+        rids = con.sql("SELECT rid FROM skip WHERE f = $f ORDER BY rid", params={"f": file.index}).fetchnumpy()["rid"]
+        keep = _udf(con, f"rapid_keep_{file.index}", keep_udf(rids.astype(np.int64)), duckdb.sqltypes.BOOLEAN)
+    if pos is None:
+        pos = _udf(con, f"rapid_line_{file.index}", lambda rowid: pa.array(file.lines.lines(rowid.to_numpy())),
+                   duckdb.sqltypes.BIGINT)
+    return _sql("ingest_kg_triples.sql").format(table=file.table, pos=pos, keep=keep)
 
 
-def _triples_query(con, file: FileStage, skipped: np.ndarray) -> str:
-    """One file's kg_triples SELECT: registers ``rapid_line_<i>`` (DuckDB-read) or nulls ``pos`` of skipped rows."""
-    template = _sql("ingest_kg_triples.sql")
-    if file.duckdb:
-        name = f"rapid_line_{file.index}"
-        # side_effects: else the optimiser evaluates the UDF twice (in the filter and in the projection)
-        con.create_function(name, line_udf(file.lines, skipped), [duckdb.sqltypes.BIGINT], duckdb.sqltypes.BIGINT,
-                            type="arrow", null_handling="special", side_effects=True)
-        return template.format(table=file.table, pos=f"{name}(rowid)")
-    rows = pa.table({"rid": skipped})  # noqa: F841 (read by DuckDB)
-    con.execute(f"UPDATE {file.table} SET pos = NULL WHERE rowid IN (SELECT rid FROM rows)")
-    return template.format(table=file.table, pos="pos")
+def _udf(con, name: str, fn, returns) -> str:
+    """Register `fn` (Arrow rowid column -> Arrow column) as DuckDB function `name`; returns its call on rowid."""
+    con.create_function(name, fn, [duckdb.sqltypes.BIGINT], returns, type="arrow")
+    return f"{name}(rowid)"
 
 
-def line_udf(lines: LineMap, skipped: np.ndarray):
-    """rowid -> file line, NULL for a skipped row (DuckDB calls it once per vector of rows)."""
+def keep_udf(skipped: np.ndarray):
+    """rowid -> whether the row is kept, i.e. not in the sorted `skipped` rowids (DuckDB calls it once per vector)."""
     last = len(skipped) - 1
 
-    def rapid_line(rowid: pa.Array) -> pa.Array:
+    def rapid_keep(rowid: pa.Array) -> pa.Array:
         rid = rowid.to_numpy()
-        if last < 0:
-            return pa.array(lines.lines(rid))
-        return pa.array(lines.lines(rid), mask=skipped[np.minimum(np.searchsorted(skipped, rid), last)] == rid)
+        return pa.array(skipped[np.minimum(np.searchsorted(skipped, rid), last)] != rid)
 
-    return rapid_line
+    return rapid_keep
 
 
 def publish_quarantine(home: Home, con, stager: Stager) -> DatasetRef:

@@ -47,6 +47,7 @@ from .kg_readers import (RawBatch, ReadOptions, Reject, TsvLayout, column_count_
                          read_triples, tsv_layout)
 
 MAX_GAPS = 1 << 20  # lines without a row per DuckDB-read file; beyond, read_tsv reads it
+MAX_SQL_GAPS = 4096  # gaps a file's line map may have to be written as SQL (`LineMap.sql`); beyond, a Python UDF maps them
 REJECT_ROWS = 10_000  # quarantine rows built in Python at a time
 NUL = "\x00"
 
@@ -65,6 +66,23 @@ class LineMap:
     def lines(self, rowids: np.ndarray) -> np.ndarray:
         rowids = np.asarray(rowids, np.int64)
         return rowids + 1 + np.searchsorted(self.shift, rowids, side="right")
+
+    def sql(self, rowid: str = "rowid") -> str | None:
+        """The same map as a SQL expression over column `rowid`, or None beyond ``MAX_SQL_GAPS`` gaps.
+
+        The gaps before a row are counted by a binary search written out as nested CASEs (depth log2 of the gaps):
+        DuckDB evaluates it vectorised in its own threads, where a Python function would hold the GIL per vector."""
+        if len(self.shift) > MAX_SQL_GAPS:
+            return None
+        shift = self.shift.tolist()
+
+        def count(lo: int, hi: int) -> str:  # gaps with shift <= rowid, for shift[lo - 1] <= rowid < shift[hi]
+            if lo == hi:
+                return str(lo)
+            mid = (lo + hi) // 2
+            return f"CASE WHEN {rowid} < {shift[mid]} THEN {count(lo, mid)} ELSE {count(mid + 1, hi)} END"
+
+        return f"{rowid} + 1 + {count(0, len(shift))}"
 
 
 @dataclass
