@@ -1,6 +1,6 @@
 -- ingest kg: data rows (not already in `skip`) with a name that normalisation rejected (too long, empty after
--- cleaning), with the reason of each end, in input order. {hit} tests the three names against the few rejected
--- ones (a constant list when there are few, else a semi-join), so the one scan of `staged` stays cheap.
+-- cleaning), with the reason of each end, in input order. The WHERE clause of `hit` (from kg.py) tests the three
+-- names against the few rejected ones (a constant list when there are few, else a semi-join): one scan of `staged`.
 WITH bad AS (SELECT raw, reason FROM changed WHERE reason IS NOT NULL),
 hit AS (SELECT f, rid, pos, h, r, t FROM staged WHERE {hit})
 SELECT s.f, s.rid, s.pos, s.h, s.r, s.t, bh.reason AS head_reason, br.reason AS relation_reason, bt.reason AS tail_reason

@@ -1,4 +1,4 @@
--- ingest kg: stage one plain TSV file into table {table} with DuckDB's own parallel reader (kg_readers.tsv_layout
+-- ingest kg: stage one plain TSV file into its table s<i> with DuckDB's own parallel reader (kg_readers.tsv_layout
 -- proved it safe; rapid_pipeline/ingest/kg_stage.py explains the rest). One row per line, in file order, except the
 -- lines DuckDB rejects (invalid UTF-8, two fields too many or more: table kg_rejects, with their line) and blank
 -- lines. The columns are c0..c<width>, one more than a line should have, so a line with one field too many still

@@ -73,7 +73,7 @@ def t2s_entries() -> tuple[tuple[str, str], ...]:
     """(key, first value) of every dictionary OpenCC's t2s config uses (normalisation and conversion chain).
 
     The wheel ships them as binary ``.ocd2`` files; its own ``opencc_dict`` tool exports them to text (once per
-    process, a few milliseconds), so the fast path below is derived from exactly the dictionaries that convert.
+    process), so the shortcut in `to_simplified` is derived from exactly the dictionaries that convert.
     """
     import json
     import subprocess

@@ -85,7 +85,7 @@ from .kg_stage import REJECT_ROWS, FileStage, RejectSink, Stager
 
 STAGE = "ingest_kg"
 ALIASES = ("别名", "又称", "中文名", "英文名", "简称", "外文名")
-MAX_LISTED_NAMES = 1000  # rejected names tested as a constant list (one cheap scan); more: a semi-join
+MAX_LISTED_NAMES = 1000  # rejected names tested as a constant list in the one scan; more: a semi-join
 KEY_SLICE = 1 << 24  # triple hashes sorted in NumPy at a time (128 MB)
 MAX_BITSTRING_ROWS = (1 << 31) - 1  # DuckDB's get_bit takes an INTEGER index
 
@@ -151,6 +151,12 @@ def _proven_clean(raw: pa.Array, config: KGIngestConfig) -> pa.Array:
     return pc.and_(pc.match_substring_regex(raw, _CLEAN_NAME), pc.less_equal(pc.utf8_length(raw), config.max_name_chars))
 
 
+def _simplified(clean: pa.Array) -> list[tuple[str, str]]:
+    """(name, OpenCC t2s of it) for the clean names holding a character t2s may change, in one call into OpenCC."""
+    maybe = clean.filter(pc.match_substring_regex(clean, _traditional_pattern())).to_pylist()
+    return list(zip(maybe, to_simplified_many(maybe)))
+
+
 def normalise_names(raw: pa.Array, config: KGIngestConfig) -> pa.Table:
     """[raw, name, simplified, reason] of the raw names that normalise to something else, or are rejected.
 
@@ -159,9 +165,7 @@ def normalise_names(raw: pa.Array, config: KGIngestConfig) -> pa.Table:
     clean = _proven_clean(raw, config)
     done = [(x, *_normalise_one(x, config)) for x in raw.filter(pc.invert(clean)).to_pylist()]
     if config.to_simplified:
-        clean_names = raw.filter(clean)
-        maybe = clean_names.filter(pc.match_substring_regex(clean_names, _traditional_pattern())).to_pylist()
-        done += [(x, x, s, None) for x, s in zip(maybe, to_simplified_many(maybe))]
+        done += [(x, x, s, None) for x, s in _simplified(raw.filter(clean))]
     done = [d for d in done if d[3] is not None or d[1] != d[0] or d[2] != d[0]]
     return pa.table([pa.array([d[k] for d in done], pa.string()) for k in range(4)], schema=NAMES)
 
@@ -229,7 +233,7 @@ def dedupe(con, rows: int) -> dict[int, int]:
     The hashes seen twice are found in NumPy (a sort of the ``k`` column, in slices of about ``KEY_SLICE`` rows by the
     low bits of ``k``, so memory stays bounded); sql/ingest_kg_dups.sql compares just those rows as strings."""
     slices = 1 << max(0, math.ceil(math.log2(max(rows, 1) / KEY_SLICE)))
-    sql = "SELECT k FROM staged WHERE k & $mask::UBIGINT = $i::UBIGINT"  # the casts keep the filter on integers (fast)
+    sql = "SELECT k FROM staged WHERE k & $mask::UBIGINT = $i::UBIGINT"  # the casts keep both sides UBIGINT
     repeated = [_repeated(con.sql(sql, params={"mask": slices - 1, "i": i}).fetchnumpy()["k"]) for i in range(slices)]
     keys = pa.table({"k": np.concatenate(repeated)})  # noqa: F841 (read by DuckDB)
     con.execute(f"CREATE TABLE dups AS {_sql('ingest_kg_dups.sql')}")
@@ -364,8 +368,7 @@ def _lake_tables(home: Home, config: KGIngestConfig, con, domain: str, parts: li
 
 def simplified_names(names: pa.Array) -> pa.Table:
     """(name, simplified) of the normalised names OpenCC changes."""
-    maybe = names.filter(pc.match_substring_regex(names, _traditional_pattern())).to_pylist()
-    pairs = [(n, s) for n, s in zip(maybe, to_simplified_many(maybe)) if s != n]
+    pairs = [(n, s) for n, s in _simplified(names) if s != n]
     return pa.table({"name": pa.array([p[0] for p in pairs], pa.string()), "simplified": pa.array([p[1] for p in pairs], pa.string())})
 
 
